@@ -1,0 +1,42 @@
+"""Build the Cython wire core.
+
+FASTWS_ANNOTATE=1 writes Cython's HTML annotation next to the .pyx;
+FASTWS_TRACE=1 builds with line tracing (for profilers; slow).
+"""
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+trace = os.environ.get("FASTWS_TRACE") == "1"
+if sys.platform == "win32":
+    compile_args = ["/O2"]
+else:
+    compile_args = ["-O3", "-fno-strict-aliasing"]
+
+extensions = [
+    Extension(
+        "fastws._frame",
+        ["src/fastws/_frame.pyx"],
+        extra_compile_args=compile_args,
+        define_macros=[("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if trace else [],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        annotate=os.environ.get("FASTWS_ANNOTATE") == "1",
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "linetrace": trace,
+            "embedsignature": True,
+        },
+    )
+)

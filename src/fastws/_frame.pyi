@@ -1,0 +1,81 @@
+"""Type stub for the Cython wire core (fastws._frame). Sans-I/O: bytes in, calls out."""
+
+from typing import Callable, Protocol
+
+OP_CONTINUATION: int  # 0x0
+OP_TEXT: int  # 0x1
+OP_BINARY: int  # 0x2
+OP_CLOSE: int  # 0x8
+OP_PING: int  # 0x9
+OP_PONG: int  # 0xA
+
+class FrameHandler(Protocol):
+    def on_message(self, data: str | bytes) -> object: ...  # whole message: str = text, bytes = binary
+    def on_ping(self, payload: bytes) -> object: ...
+    def on_pong(self, payload: bytes) -> object: ...
+    def on_close(self, code: int, reason: str) -> object: ...  # 1005 when the close frame had no payload
+
+class FrameReader:
+    """Incremental frame parser that owns its read buffer (asyncio.BufferedProtocol style).
+
+    Calls the handler once per complete message and once per control frame.
+    A protocol violation raises fastws.errors.ProtocolError(code, reason) from
+    buffer_updated()/feed(); messages completed before it were delivered first.
+    After a close frame or an error, further input is ignored.
+    """
+
+    max_message_size: int
+    def __init__(
+        self,
+        handler: FrameHandler,
+        *,
+        is_server: bool = True,  # server: frames must be masked; client: must not be
+        max_message_size: int = 1048576,  # 0 = unlimited; checked from headers (1009)
+        inflate: Callable[[bytes], bytes] | None = None,  # set when permessage-deflate was negotiated (RSV1 allowed)
+        writer: FrameWriter | None = None,  # corked while a read is parsed, flushed once after it
+    ) -> None: ...
+    def set_inflate(self, inflate: Callable[[bytes], bytes] | None) -> None: ...
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
+    @property
+    def closed(self) -> bool: ...  # a close frame was received or an error raised
+    @property
+    def buffered(self) -> int: ...  # bytes this reader holds between reads (partial frames + fragments)
+
+class FrameWriter:
+    """Encodes frames and writes them; while corked, frames are coalesced into one write."""
+
+    compress_threshold: int
+    fragment_size: int  # 0: one frame per message; else split messages into frames of this size
+    def __init__(
+        self,
+        write: Callable[[bytes], object],
+        *,
+        is_server: bool = True,  # server frames are unmasked; client frames masked with a fresh key
+        writelines: Callable[[tuple[bytes, ...]], object] | None = None,  # big payloads go out uncopied
+        deflate: Callable[[bytes], bytes] | None = None,  # compress a whole message payload (RSV1)
+        compress_threshold: int = 128,  # messages shorter than this are sent uncompressed
+        fragment_size: int = 0,
+    ) -> None: ...
+    def set_deflate(self, deflate: Callable[[bytes], bytes] | None, compress_threshold: int = 128) -> None: ...
+    @property
+    def buffered(self) -> int: ...  # bytes queued while corked
+    def send(self, data: str | bytes | bytearray | memoryview) -> None: ...  # str -> text, else binary
+    def send_frame(self, opcode: int, payload: bytes | str, fin: bool = True, rsv1: bool = False) -> None: ...
+    def send_raw(self, frame: bytes) -> None: ...  # an already-encoded frame (broadcast: encode once)
+    def send_ping(self, payload: bytes = b"") -> None: ...
+    def send_pong(self, payload: bytes = b"") -> None: ...
+    def send_close(self, code: int = 1000, reason: str = "") -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...  # flush everything queued while corked as one write
+    @property
+    def corked(self) -> bool: ...
+
+def encode_frame(opcode: int, payload: bytes | str, *, fin: bool = True, rsv1: bool = False, mask: bool = False) -> bytes: ...
+def encode_close_payload(code: int = 1000, reason: str = "") -> bytes: ...
+def parse_close_payload(payload: bytes) -> tuple[int, str]: ...  # raises ProtocolError (1002/1007)
+def is_valid_close_code(code: int) -> bool: ...
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes: ...
+def accept_key(key: str | bytes) -> str: ...
+def validate_utf8(data: bytes | bytearray | memoryview) -> bool: ...

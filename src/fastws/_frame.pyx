@@ -1,0 +1,872 @@
+# cython: language_level=3, freethreading_compatible=False
+"""fastws wire core: RFC 6455 framing in Cython, sans-I/O.
+
+Bytes come in through FrameReader (which owns the read buffer and unmasks in
+place); whole messages and control frames go out as calls on a handler, one
+Python call per message.  FrameWriter encodes frames and, while corked,
+coalesces everything produced during one read into a single write.
+Nothing here imports asyncio or touches a socket.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memmove
+
+import os
+
+from fastws.errors import PayloadTooBig, ProtocolError
+
+cdef extern from "Python.h":
+    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
+    int PyBUF_WRITE
+
+cdef extern from "pythread.h":
+    unsigned long PyThread_get_thread_ident()
+
+cdef extern from "_mask.h":
+    void fastws_mask(uint8_t *p, size_t n, const uint8_t *key, unsigned phase) nogil
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+DEF_CLOSE_NO_STATUS = 1005
+
+cdef enum:
+    OPC_CONT = 0
+    OPC_TEXT = 1
+    OPC_BINARY = 2
+    OPC_CLOSE = 8
+    OPC_PING = 9
+    OPC_PONG = 10
+    MIN_READ = 65536            # smallest free space handed to the transport
+    SCRATCH_SIZE = 262144       # shared read buffer: idle connections hold none
+    MAX_PREALLOC = 16777216     # never trust a declared length beyond this up front
+    OUT_FLUSH_AT = 262144       # a corked writer flushes early past this
+    LARGE_PAYLOAD = 65536       # above this a payload is written without copying
+
+
+# --------------------------------------------------------------------------
+# UTF-8 validation (Unicode 15 table 3-7), incremental so it can fail fast on
+# bytes of a frame that has not fully arrived.  State: need | lo << 8 | hi << 16.
+
+cdef inline int utf8_feed(const uint8_t *s, Py_ssize_t n, uint32_t *state) noexcept nogil:
+    """Advance the validator over s[0:n]; 0 if still valid, -1 at the first bad byte."""
+    cdef uint32_t need = state[0] & 0xFF
+    cdef uint32_t lo = (state[0] >> 8) & 0xFF
+    cdef uint32_t hi = (state[0] >> 16) & 0xFF
+    cdef Py_ssize_t i = 0
+    cdef uint64_t word
+    cdef uint8_t c
+    while i < n:
+        if need == 0:
+            while i + 8 <= n:  # ASCII fast path, a word at a time
+                memcpy(&word, s + i, 8)
+                if word & 0x8080808080808080ULL:
+                    break
+                i += 8
+            if i >= n:
+                break
+            c = s[i]
+            i += 1
+            if c < 0x80:
+                continue
+            lo = 0x80
+            hi = 0xBF
+            if 0xC2 <= c <= 0xDF:
+                need = 1
+            elif c == 0xE0:
+                need = 2
+                lo = 0xA0
+            elif c == 0xED:
+                need = 2
+                hi = 0x9F  # no UTF-16 surrogates
+            elif 0xE1 <= c <= 0xEF:
+                need = 2
+            elif c == 0xF0:
+                need = 3
+                lo = 0x90
+            elif 0xF1 <= c <= 0xF3:
+                need = 3
+            elif c == 0xF4:
+                need = 3
+                hi = 0x8F  # nothing above U+10FFFF
+            else:
+                return -1
+        else:
+            c = s[i]
+            i += 1
+            if c < lo or c > hi:
+                return -1
+            need -= 1
+            lo = 0x80
+            hi = 0xBF
+    state[0] = need | (lo << 8) | (hi << 16)
+    return 0
+
+
+def validate_utf8(data):
+    """True if ``data`` (any bytes-like object) is complete, well-formed UTF-8."""
+    cdef Py_buffer view
+    cdef uint32_t state = 0
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return utf8_feed(<const uint8_t *>view.buf, view.len, &state) == 0 and (state & 0xFF) == 0
+    finally:
+        PyBuffer_Release(&view)
+
+
+# --------------------------------------------------------------------------
+# Masking
+
+def apply_mask(data, mask):
+    """Return ``data`` XORed with the 4-byte ``mask`` (RFC 6455 section 5.3)."""
+    cdef Py_buffer view, key
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(mask, &key, PyBUF_SIMPLE)
+        try:
+            if key.len != 4:
+                raise ValueError(f"mask must be 4 bytes, got {key.len}")
+            result = PyBytes_FromStringAndSize(<char *>view.buf, view.len)
+            fastws_mask(<uint8_t *>PyBytes_AS_STRING(result), view.len, <const uint8_t *>key.buf, 0)
+            return result
+        finally:
+            PyBuffer_Release(&key)
+    finally:
+        PyBuffer_Release(&view)
+
+
+# --------------------------------------------------------------------------
+# Sec-WebSocket-Accept: base64(SHA-1(key + GUID)), RFC 6455 section 4.2.2
+
+cdef bytes WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+cdef const char *B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+cdef inline uint32_t rol32(uint32_t x, int n) noexcept nogil:
+    return (x << n) | (x >> (32 - n))
+
+cdef void sha1_block(uint32_t *h, const uint8_t *block) noexcept nogil:
+    cdef uint32_t w[80]
+    cdef uint32_t a, b, c, d, e, f, k, t
+    cdef int i
+    for i in range(16):
+        w[i] = ((<uint32_t>block[4 * i] << 24) | (<uint32_t>block[4 * i + 1] << 16)
+                | (<uint32_t>block[4 * i + 2] << 8) | <uint32_t>block[4 * i + 3])
+    for i in range(16, 80):
+        w[i] = rol32(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1)
+    a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4]
+    for i in range(80):
+        if i < 20:
+            f = (b & c) | (~b & d); k = 0x5A827999
+        elif i < 40:
+            f = b ^ c ^ d; k = 0x6ED9EBA1
+        elif i < 60:
+            f = (b & c) | (b & d) | (c & d); k = 0x8F1BBCDC
+        else:
+            f = b ^ c ^ d; k = 0xCA62C1D6
+        t = rol32(a, 5) + f + e + k + w[i]
+        e = d; d = c; c = rol32(b, 30); b = a; a = t
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e
+
+cdef void sha1(const uint8_t *msg, size_t n, uint8_t *digest) noexcept nogil:
+    cdef uint32_t h[5]
+    cdef uint8_t block[64]
+    cdef size_t done = 0, rest
+    cdef uint64_t bits = (<uint64_t>n) * 8
+    cdef int i
+    h[0] = 0x67452301; h[1] = 0xEFCDAB89; h[2] = 0x98BADCFE; h[3] = 0x10325476; h[4] = 0xC3D2E1F0
+    while n - done >= 64:
+        sha1_block(h, msg + done)
+        done += 64
+    rest = n - done
+    memcpy(block, msg + done, rest)
+    block[rest] = 0x80
+    rest += 1
+    if rest > 56:
+        for i in range(<int>rest, 64):
+            block[i] = 0
+        sha1_block(h, block)
+        rest = 0
+    for i in range(<int>rest, 56):
+        block[i] = 0
+    for i in range(8):
+        block[63 - i] = <uint8_t>(bits >> (8 * i))
+    sha1_block(h, block)
+    for i in range(5):
+        digest[4 * i] = <uint8_t>(h[i] >> 24)
+        digest[4 * i + 1] = <uint8_t>(h[i] >> 16)
+        digest[4 * i + 2] = <uint8_t>(h[i] >> 8)
+        digest[4 * i + 3] = <uint8_t>h[i]
+
+def accept_key(key):
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (str or bytes)."""
+    cdef bytes raw = key.encode("ascii") if isinstance(key, str) else bytes(key)
+    cdef bytes msg = raw + WS_GUID
+    cdef uint8_t digest[21]
+    cdef char out[28]
+    cdef int i, j = 0
+    cdef uint32_t v
+    sha1(<const uint8_t *>PyBytes_AS_STRING(msg), PyBytes_GET_SIZE(msg), digest)
+    digest[20] = 0
+    for i in range(0, 21, 3):  # 20 bytes -> 27 symbols + one '=' pad
+        v = (<uint32_t>digest[i] << 16) | (<uint32_t>digest[i + 1] << 8) | digest[i + 2]
+        out[j] = B64[(v >> 18) & 63]
+        out[j + 1] = B64[(v >> 12) & 63]
+        out[j + 2] = B64[(v >> 6) & 63]
+        out[j + 3] = B64[v & 63]
+        j += 4
+    out[27] = b'='
+    return PyUnicode_DecodeASCII(out, 28, NULL)
+
+
+# --------------------------------------------------------------------------
+# Close frames
+
+cpdef bint is_valid_close_code(int code):
+    """May ``code`` appear in a close frame on the wire? (RFC 6455 7.4, IANA registry)"""
+    return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
+
+def encode_close_payload(int code=1000, str reason=""):
+    """Close frame body: 2-byte code + UTF-8 reason (at most 123 bytes)."""
+    if not is_valid_close_code(code):
+        raise ValueError(f"close code {code} may not be sent on the wire")
+    cdef bytes body = reason.encode("utf-8")
+    if len(body) > 123:
+        raise ValueError(f"close reason is {len(body)} bytes encoded; the limit is 123")
+    return bytes(((code >> 8) & 0xFF, code & 0xFF)) + body
+
+def parse_close_payload(payload):
+    """(code, reason) of a close frame body; 1005 when empty. Raises ProtocolError."""
+    return _parse_close(bytes(payload))
+
+cdef tuple _parse_close(bytes payload):
+    cdef Py_ssize_t n = len(payload)
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef int code
+    if n == 0:
+        return (DEF_CLOSE_NO_STATUS, "")
+    if n == 1:
+        raise ProtocolError(1002, "close frame payload of 1 byte (a status code needs 2)")
+    code = (p[0] << 8) | p[1]
+    if not is_valid_close_code(code):
+        raise ProtocolError(1002, f"invalid close code {code}")
+    try:
+        reason = PyUnicode_DecodeUTF8(<const char *>p + 2, n - 2, NULL)
+    except UnicodeDecodeError:
+        raise ProtocolError(1007, "close reason is not valid UTF-8") from None
+    return (code, reason)
+
+
+# --------------------------------------------------------------------------
+# Frame encoding
+
+cdef bytes _mask_pool = b""
+cdef Py_ssize_t _mask_pos = 0
+
+cdef inline const uint8_t *fresh_mask_key() except NULL:
+    """4 unpredictable bytes (RFC 6455 10.3), drawn from a pooled os.urandom."""
+    global _mask_pool, _mask_pos
+    if _mask_pos + 4 > len(_mask_pool):
+        _mask_pool = os.urandom(4096)
+        _mask_pos = 0
+    _mask_pos += 4
+    return <const uint8_t *>PyBytes_AS_STRING(_mask_pool) + _mask_pos - 4
+
+cdef inline Py_ssize_t header_size(Py_ssize_t n, bint masked) noexcept nogil:
+    cdef Py_ssize_t h = 2 if n < 126 else (4 if n < 65536 else 10)
+    return h + 4 if masked else h
+
+cdef inline Py_ssize_t write_header(uint8_t *out, int opcode, Py_ssize_t n, bint fin, bint rsv1,
+                                    const uint8_t *mask_key) noexcept nogil:
+    cdef Py_ssize_t h
+    cdef int i
+    out[0] = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    cdef uint8_t mbit = 0x80 if mask_key != NULL else 0
+    if n < 126:
+        out[1] = mbit | <uint8_t>n
+        h = 2
+    elif n < 65536:
+        out[1] = mbit | 126
+        out[2] = <uint8_t>(n >> 8)
+        out[3] = <uint8_t>n
+        h = 4
+    else:
+        out[1] = mbit | 127
+        for i in range(8):
+            out[9 - i] = <uint8_t>((<uint64_t>n) >> (8 * i))
+        h = 10
+    if mask_key != NULL:
+        memcpy(out + h, mask_key, 4)
+        h += 4
+    return h
+
+cdef inline bytes build_frame(int opcode, const char *data, Py_ssize_t n, bint fin, bint rsv1, bint masked):
+    cdef const uint8_t *key = fresh_mask_key() if masked else NULL
+    cdef Py_ssize_t h = header_size(n, masked)
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, h + n)
+    cdef uint8_t *out = <uint8_t *>PyBytes_AS_STRING(frame)
+    write_header(out, opcode, n, fin, rsv1, key)
+    memcpy(out + h, data, n)
+    if masked:
+        fastws_mask(out + h, n, key, 0)
+    return frame
+
+cdef inline int check_control(int opcode, Py_ssize_t n, bint fin) except -1:
+    if opcode not in (OPC_CONT, OPC_TEXT, OPC_BINARY, OPC_CLOSE, OPC_PING, OPC_PONG):
+        raise ValueError(f"unknown opcode {opcode:#x}")
+    if opcode & 8 and (n > 125 or not fin):
+        raise ValueError("control frames must be final and carry at most 125 bytes")
+    return 0
+
+def encode_frame(int opcode, payload, *, bint fin=True, bint rsv1=False, bint mask=False):
+    """One complete frame; str payloads are UTF-8 encoded, mask=True for the client role."""
+    cdef Py_buffer view
+    cdef Py_ssize_t n
+    cdef const char *data
+    if isinstance(payload, str):
+        data = PyUnicode_AsUTF8AndSize(payload, &n)
+        check_control(opcode, n, fin)
+        return build_frame(opcode, data, n, fin, rsv1, mask)
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        check_control(opcode, view.len, fin)
+        return build_frame(opcode, <const char *>view.buf, view.len, fin, rsv1, mask)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef class FrameWriter:
+    """Encodes frames for one connection and hands them to ``write``.
+
+    While corked (the reader corks during each read), frames are appended to
+    one output buffer and written with a single call on uncork: one send()
+    per read batch instead of one per message.
+    """
+
+    cdef object _write
+    cdef object _writelines
+    cdef object _deflate
+    cdef bint _masked
+    cdef int _cork_depth
+    cdef char *_out
+    cdef Py_ssize_t _out_len
+    cdef Py_ssize_t _out_cap
+    cdef public Py_ssize_t compress_threshold
+    cdef public Py_ssize_t fragment_size
+
+    def __cinit__(self):
+        self._out = NULL
+
+    def __init__(self, write, *, bint is_server=True, writelines=None, deflate=None,
+                 Py_ssize_t compress_threshold=128, Py_ssize_t fragment_size=0):
+        self._write = write
+        self._writelines = writelines
+        self._deflate = deflate
+        self._masked = not is_server
+        self.compress_threshold = compress_threshold
+        self.fragment_size = fragment_size
+
+    def __dealloc__(self):
+        PyMem_Free(self._out)
+
+    @property
+    def corked(self):
+        return self._cork_depth > 0
+
+    @property
+    def buffered(self):
+        """Bytes queued while corked, not yet handed to ``write``."""
+        return self._out_len
+
+    def set_deflate(self, deflate, Py_ssize_t compress_threshold=128):
+        self._deflate = deflate
+        self.compress_threshold = compress_threshold
+
+    cpdef cork(self):
+        self._cork_depth += 1
+
+    cpdef uncork(self):
+        if self._cork_depth > 0:
+            self._cork_depth -= 1
+        if self._cork_depth == 0:
+            self._flush()
+
+    cdef int _flush(self) except -1:
+        cdef bytes chunk
+        if self._out_len:
+            chunk = PyBytes_FromStringAndSize(self._out, self._out_len)
+            self._out_len = 0
+            if self._out_cap > LARGE_PAYLOAD:  # do not keep a big buffer per connection
+                PyMem_Free(self._out)
+                self._out = NULL
+                self._out_cap = 0
+            self._write(chunk)
+        return 0
+
+    cdef char *_reserve(self, Py_ssize_t n) except NULL:
+        cdef Py_ssize_t cap
+        cdef char *mem
+        if self._out_len + n > self._out_cap:
+            cap = max(self._out_cap * 2, self._out_len + n, 4096)
+            mem = <char *>PyMem_Realloc(self._out, cap)
+            if mem == NULL:
+                raise MemoryError()
+            self._out = mem
+            self._out_cap = cap
+        return self._out + self._out_len
+
+    cdef int _emit(self, int opcode, const char *data, Py_ssize_t n, bint fin, bint rsv1, object owner) except -1:
+        """Queue or write one frame; ``owner`` is an immutable bytes holding data, if any."""
+        cdef const uint8_t *key
+        cdef Py_ssize_t h
+        cdef uint8_t *out
+        cdef uint8_t header[14]
+        if not self._masked and n >= LARGE_PAYLOAD and owner is not None and self._writelines is not None:
+            # Big unmasked payload: header + the caller's bytes in one writev, no copy.
+            h = write_header(header, opcode, n, fin, rsv1, NULL)
+            self._flush()
+            self._writelines((PyBytes_FromStringAndSize(<char *>header, h), owner))
+            return 0
+        if self._cork_depth == 0:
+            self._write(build_frame(opcode, data, n, fin, rsv1, self._masked))
+            return 0
+        key = fresh_mask_key() if self._masked else NULL
+        h = header_size(n, self._masked)
+        out = <uint8_t *>self._reserve(h + n)
+        write_header(out, opcode, n, fin, rsv1, key)
+        memcpy(out + h, data, n)
+        if key != NULL:
+            fastws_mask(out + h, n, key, 0)
+        self._out_len += h + n
+        if self._out_len >= OUT_FLUSH_AT:
+            self._flush()
+        return 0
+
+    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner) except -1:
+        cdef bint rsv1 = False
+        cdef Py_ssize_t step, off
+        cdef int op
+        if self._deflate is not None and n >= self.compress_threshold:
+            owner = self._deflate(data[:n])
+            data = PyBytes_AS_STRING(owner)
+            n = PyBytes_GET_SIZE(owner)
+            rsv1 = True
+        step = self.fragment_size
+        if step <= 0 or n <= step:
+            return self._emit(opcode, data, n, True, rsv1, owner)
+        off = 0
+        op = opcode
+        while off < n:  # RFC 6455 5.4: first frame carries opcode and RSV1, the rest continue
+            self._emit(op, data + off, min(step, n - off), off + step >= n, rsv1 and off == 0, None)
+            op = OPC_CONT
+            off += step
+        return 0
+
+    cpdef send(self, data):
+        """Send one message: str as text, any bytes-like object as binary."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        cdef const char *p
+        if isinstance(data, str):
+            p = PyUnicode_AsUTF8AndSize(data, &n)
+            self._send_message(OPC_TEXT, p, n, None)
+            return
+        if type(data) is bytes:
+            self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data)
+            return
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            # A mutable buffer may change after we return: never pass it on uncopied.
+            self._send_message(OPC_BINARY, <const char *>view.buf, view.len, None)
+        finally:
+            PyBuffer_Release(&view)
+
+    def send_frame(self, int opcode, payload, bint fin=True, bint rsv1=False):
+        """Send a single frame as given (for callers that fragment by hand)."""
+        cdef bytes data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        check_control(opcode, len(data), fin)
+        self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
+
+    cpdef send_raw(self, bytes frame):
+        """Write an already-encoded frame (broadcast: encoded once for many)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        if self._cork_depth == 0:
+            self._write(frame)
+            return
+        memcpy(self._reserve(n), PyBytes_AS_STRING(frame), n)
+        self._out_len += n
+        if self._out_len >= OUT_FLUSH_AT:
+            self._flush()
+
+    def send_ping(self, payload=b""):
+        self.send_frame(OPC_PING, payload)
+
+    def send_pong(self, payload=b""):
+        self.send_frame(OPC_PONG, payload)
+
+    def send_close(self, int code=1000, str reason=""):
+        self.send_frame(OPC_CLOSE, encode_close_payload(code, reason))
+
+
+# --------------------------------------------------------------------------
+# Frame reading
+
+# One read buffer shared by all readers of the thread that made it: a read
+# lands here, complete frames are handled in place, and only a partial frame
+# is copied into the connection's own buffer.  Idle connections own nothing.
+cdef char *_scratch = NULL
+cdef unsigned long _scratch_thread = 0
+
+cdef char *scratch_buffer() except? NULL:
+    global _scratch, _scratch_thread
+    if _scratch == NULL:
+        _scratch = <char *>PyMem_Malloc(SCRATCH_SIZE)
+        if _scratch == NULL:
+            raise MemoryError()
+        _scratch_thread = PyThread_get_thread_ident()
+    elif _scratch_thread != PyThread_get_thread_ident():
+        return NULL  # another thread's: use a private buffer
+    return _scratch
+
+
+cdef class FrameReader:
+    """Incremental RFC 6455 frame parser; see _frame.pyi for the contract."""
+
+    cdef object _on_message
+    cdef object _on_ping
+    cdef object _on_pong
+    cdef object _on_close
+    cdef object _inflate
+    cdef FrameWriter _writer
+    cdef bint _is_server
+    cdef bint _closed
+    cdef bint _in_scratch          # the last get_buffer handed out the shared buffer
+    cdef public Py_ssize_t max_message_size
+    # bytes kept between reads: the start of a partial frame
+    cdef char *_buf
+    cdef Py_ssize_t _buf_len
+    cdef Py_ssize_t _buf_cap
+    # the partial frame at the start of _buf: payload bytes already unmasked/validated
+    cdef Py_ssize_t _done
+    cdef Py_ssize_t _frame_total   # header + payload of that frame, once its header is complete
+    # the fragmented message being reassembled
+    cdef int _msg_opcode           # 0: none
+    cdef bint _msg_compressed
+    cdef char *_msg
+    cdef Py_ssize_t _msg_len
+    cdef Py_ssize_t _msg_cap
+    cdef uint32_t _utf8_state
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._msg = NULL
+
+    def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
+                 inflate=None, FrameWriter writer=None):
+        self._on_message = handler.on_message
+        self._on_ping = handler.on_ping
+        self._on_pong = handler.on_pong
+        self._on_close = handler.on_close
+        self._is_server = is_server
+        self.max_message_size = max_message_size
+        self._inflate = inflate
+        self._writer = writer
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        PyMem_Free(self._msg)
+
+    def set_inflate(self, inflate):
+        """Allow RSV1 (permessage-deflate) from now on, decompressing with ``inflate``."""
+        self._inflate = inflate
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def buffered(self):
+        return self._buf_len + self._msg_len
+
+    # -- buffer management -------------------------------------------------
+
+    cdef int _reserve(self, Py_ssize_t free) except -1:
+        """Make room for ``free`` more bytes after the pending ones."""
+        cdef Py_ssize_t want = self._buf_len + free
+        cdef char *mem
+        if want > self._buf_cap:
+            want = max(want, self._buf_cap + self._buf_cap // 2)
+            mem = <char *>PyMem_Realloc(self._buf, want)
+            if mem == NULL:
+                raise MemoryError()
+            self._buf = mem
+            self._buf_cap = want
+        return 0
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        cdef char *scratch
+        cdef Py_ssize_t free
+        if self._buf_len == 0:
+            scratch = scratch_buffer()
+            if scratch != NULL:
+                self._in_scratch = True
+                return PyMemoryView_FromMemory(scratch, SCRATCH_SIZE, PyBUF_WRITE)
+        self._in_scratch = False
+        free = MIN_READ
+        if self._frame_total > self._buf_len:
+            # a big frame in progress: make room for all of it, so it arrives in place
+            free = max(free, min(self._frame_total - self._buf_len, MAX_PREALLOC))
+        if self._buf_cap - self._buf_len < MIN_READ // 4 or self._buf_cap - self._buf_len < free:
+            self._reserve(free)
+        return PyMemoryView_FromMemory(self._buf + self._buf_len, self._buf_cap - self._buf_len, PyBUF_WRITE)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if self._in_scratch:
+            self._in_scratch = False
+            self._process(_scratch, nbytes, True)
+        else:
+            self._buf_len += nbytes
+            self._process(self._buf, self._buf_len, False)
+
+    def feed(self, data):
+        """Parse bytes given by the caller (copied; for tests and non-buffered transports)."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                return
+            self._reserve(view.len)
+            memcpy(self._buf + self._buf_len, view.buf, view.len)
+            self._buf_len += view.len
+        finally:
+            PyBuffer_Release(&view)
+        self._process(self._buf, self._buf_len, False)
+
+    cdef int _process(self, char *data, Py_ssize_t n, bint from_scratch) except -1:
+        """Parse data[0:n]; keep the unconsumed tail in the private buffer."""
+        cdef Py_ssize_t used = 0
+        if self._closed:
+            self._buf_len = 0
+            return 0
+        if self._writer is not None:
+            self._writer.cork()
+        try:
+            used = self._parse(data, n)
+        except BaseException:
+            self._closed = True
+            self._discard()
+            raise
+        finally:
+            if self._writer is not None:
+                self._writer.uncork()
+        if self._closed:
+            self._discard()
+            return 0
+        if from_scratch:
+            if used < n:
+                self._reserve(n - used)
+                memcpy(self._buf, data + used, n - used)
+                self._buf_len = n - used
+        elif used:
+            if used < n:
+                memmove(self._buf, self._buf + used, n - used)
+            self._buf_len = n - used
+        if self._buf_len == 0 and self._buf != NULL:
+            PyMem_Free(self._buf)  # idle again: hold no read buffer
+            self._buf = NULL
+            self._buf_cap = 0
+        return 0
+
+    cdef void _discard(self) noexcept:
+        PyMem_Free(self._buf)
+        PyMem_Free(self._msg)
+        self._buf = self._msg = NULL
+        self._buf_len = self._buf_cap = self._msg_len = self._msg_cap = 0
+
+    # -- parsing -----------------------------------------------------------
+
+    cdef Py_ssize_t _parse(self, char *data, Py_ssize_t n) except -1:
+        """Handle every complete frame in data[0:n]; return the bytes consumed.
+
+        A trailing partial frame is unmasked (and UTF-8 checked) as far as it
+        has arrived; self._done remembers how far, for the next call.
+        """
+        cdef Py_ssize_t pos = 0, avail, hdr, have
+        cdef uint8_t *p
+        cdef uint8_t b0, b1
+        cdef int opcode
+        cdef bint fin, rsv1, masked, textual, whole
+        cdef uint64_t length
+        cdef Py_ssize_t limit = self.max_message_size
+        cdef uint8_t *key
+        cdef uint8_t *payload
+        cdef int i
+        while not self._closed:
+            avail = n - pos
+            if avail < 2:
+                break
+            p = <uint8_t *>data + pos
+            b0 = p[0]
+            b1 = p[1]
+            fin = b0 & 0x80
+            rsv1 = b0 & 0x40
+            opcode = b0 & 0x0F
+            masked = b1 & 0x80
+            if self._done == 0 and self._frame_total == 0:
+                self._check_header(b0, b1)
+            length = b1 & 0x7F
+            hdr = 2
+            if length == 126:
+                if avail < 4:
+                    break
+                length = (<uint64_t>p[2] << 8) | p[3]
+                hdr = 4
+            elif length == 127:
+                if avail < 10:
+                    break
+                length = 0
+                for i in range(2, 10):
+                    length = (length << 8) | p[i]
+                if length >> 63:
+                    raise ProtocolError(1002, "frame length has the most significant bit set")
+                hdr = 10
+            if masked:
+                hdr += 4
+            if self._frame_total == 0:
+                # header length known: enforce the size limit before any payload is buffered
+                if limit > 0 and not (opcode & 8) and length + <uint64_t>self._msg_len > <uint64_t>limit:
+                    raise PayloadTooBig(
+                        f"message of at least {length + <uint64_t>self._msg_len} bytes exceeds the limit of {limit}")
+                if length > <uint64_t>(0x7FFFFFFFFFFFFFFF - 16):
+                    raise PayloadTooBig("frame length does not fit in memory")
+                self._frame_total = hdr + <Py_ssize_t>length
+            if avail < hdr:
+                break
+            key = p + hdr - 4
+            payload = p + hdr
+            have = min(avail - hdr, <Py_ssize_t>length)
+            whole = have == <Py_ssize_t>length
+            textual = (opcode == OPC_TEXT or (opcode == OPC_CONT and self._msg_opcode == OPC_TEXT))
+            if have > self._done:
+                if masked:
+                    fastws_mask(payload + self._done, have - self._done, key, self._done & 3)
+                # Fail fast on bad UTF-8, even inside a frame that has not fully arrived.
+                # A whole single-frame text message is checked by the decoder instead.
+                if textual and not (self._msg_compressed or (rsv1 and opcode == OPC_TEXT)) and not (
+                        whole and fin and opcode == OPC_TEXT and self._done == 0):
+                    if utf8_feed(payload + self._done, have - self._done, &self._utf8_state) < 0:
+                        raise ProtocolError(1007, "invalid UTF-8 in text message")
+                self._done = have
+            if not whole:
+                break
+            # a complete frame
+            pos += hdr + <Py_ssize_t>length
+            self._done = 0
+            self._frame_total = 0
+            if opcode & 8:
+                self._control(opcode, <char *>payload, <Py_ssize_t>length)
+            elif fin and opcode != OPC_CONT:
+                self._deliver(opcode, <char *>payload, <Py_ssize_t>length, rsv1)
+            else:
+                if opcode != OPC_CONT:
+                    self._msg_opcode = opcode
+                    self._msg_compressed = rsv1
+                self._append(<char *>payload, <Py_ssize_t>length)
+                if fin:
+                    opcode = self._msg_opcode
+                    self._msg_opcode = 0
+                    try:
+                        self._deliver(opcode, self._msg, self._msg_len, self._msg_compressed)
+                    finally:
+                        self._drop_msg()
+        return pos
+
+    cdef int _check_header(self, uint8_t b0, uint8_t b1) except -1:
+        """RFC 6455 5.2-5.5 rules decidable from the first two bytes."""
+        cdef int opcode = b0 & 0x0F
+        cdef bint fin = b0 & 0x80
+        if b0 & 0x30 or (b0 & 0x40 and (self._inflate is None or opcode != OPC_TEXT and opcode != OPC_BINARY)):
+            if b0 & 0x40 and self._inflate is not None:
+                raise ProtocolError(1002, f"RSV1 set on a {'continuation' if opcode == 0 else 'control'} frame")
+            raise ProtocolError(1002, "reserved bits set without a negotiated extension")
+        if opcode > 2 and opcode < 8 or opcode > 10:
+            raise ProtocolError(1002, f"reserved opcode {opcode:#x}")
+        if opcode & 8:
+            if not fin:
+                raise ProtocolError(1002, "fragmented control frame")
+            if (b1 & 0x7F) > 125:
+                raise ProtocolError(1002, "control frame payload longer than 125 bytes")
+        elif opcode == OPC_CONT:
+            if self._msg_opcode == 0:
+                raise ProtocolError(1002, "continuation frame without a message to continue")
+        elif self._msg_opcode != 0:
+            raise ProtocolError(1002, "new data frame inside a fragmented message")
+        if bool(b1 & 0x80) != self._is_server:
+            raise ProtocolError(1002, "client frame is not masked" if self._is_server
+                                else "server frame is masked")
+        return 0
+
+    cdef int _append(self, const char *data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t want = self._msg_len + n
+        cdef char *mem
+        if want > self._msg_cap:
+            want = max(want, self._msg_cap * 2)
+            mem = <char *>PyMem_Realloc(self._msg, want)
+            if mem == NULL:
+                raise MemoryError()
+            self._msg = mem
+            self._msg_cap = want
+        memcpy(self._msg + self._msg_len, data, n)
+        self._msg_len += n
+        return 0
+
+    cdef void _drop_msg(self) noexcept:
+        self._msg_len = 0
+        PyMem_Free(self._msg)
+        self._msg = NULL
+        self._msg_cap = 0
+
+    cdef int _deliver(self, int opcode, char *data, Py_ssize_t n, bint compressed) except -1:
+        cdef bytes raw
+        cdef uint32_t state = self._utf8_state
+        self._utf8_state = 0
+        if compressed:
+            raw = self._inflate(PyBytes_FromStringAndSize(data, n))
+            if opcode == OPC_TEXT:
+                try:
+                    message = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError(1007, "invalid UTF-8 in text message") from None
+            else:
+                message = raw
+        elif opcode == OPC_TEXT:
+            if state & 0xFF:
+                raise ProtocolError(1007, "text message ends inside a UTF-8 sequence")
+            try:
+                message = PyUnicode_DecodeUTF8(data, n, NULL)
+            except UnicodeDecodeError:
+                raise ProtocolError(1007, "invalid UTF-8 in text message") from None
+        else:
+            message = PyBytes_FromStringAndSize(data, n)
+        self._on_message(message)
+        return 0
+
+    cdef int _control(self, int opcode, char *data, Py_ssize_t n) except -1:
+        cdef bytes payload = PyBytes_FromStringAndSize(data, n)
+        if opcode == OPC_PING:
+            self._on_ping(payload)
+        elif opcode == OPC_PONG:
+            self._on_pong(payload)
+        else:
+            code, reason = _parse_close(payload)
+            self._closed = True
+            self._on_close(code, reason)
+        return 0
