@@ -540,7 +540,7 @@ cdef char *scratch_buffer() except? NULL:
 cdef class FrameReader:
     """Incremental RFC 6455 frame parser; see _frame.pyi for the contract."""
 
-    cdef object _on_message
+    cdef public object on_message  # swappable: the session routes messages through a queue at times
     cdef object _on_ping
     cdef object _on_pong
     cdef object _on_close
@@ -564,6 +564,7 @@ cdef class FrameReader:
     cdef Py_ssize_t _msg_len
     cdef Py_ssize_t _msg_cap
     cdef uint32_t _utf8_state
+    cdef public Py_ssize_t messages  # data messages delivered (idle detection reads it)
 
     def __cinit__(self):
         self._buf = NULL
@@ -571,7 +572,7 @@ cdef class FrameReader:
 
     def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
                  inflate=None, FrameWriter writer=None):
-        self._on_message = handler.on_message
+        self.on_message = handler.on_message
         self._on_ping = handler.on_ping
         self._on_pong = handler.on_pong
         self._on_close = handler.on_close
@@ -856,7 +857,8 @@ cdef class FrameReader:
                 raise ProtocolError(1007, "invalid UTF-8 in text message") from None
         else:
             message = PyBytes_FromStringAndSize(data, n)
-        self._on_message(message)
+        self.messages += 1
+        self.on_message(message)
         return 0
 
     cdef int _control(self, int opcode, char *data, Py_ssize_t n) except -1:

@@ -1,0 +1,85 @@
+"""`fastws serve` and `fastws bench`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fastws.server import App, Config, run
+
+
+def load_app(spec: str) -> App:
+    """'package.module:app' -> the App object (a clear error for every way it can go wrong)."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"fastws: cannot import module {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise SystemExit(f"fastws: {spec!r} is not a fastws.App (found {type(app).__name__})")
+    return app
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run a fastws app (the demo app when none is given)")
+    p.add_argument("app", nargs="?", default="fastws.demo:app", help="module:attribute (default: the demo)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    defaults = Config()
+    p.add_argument("--max-message-size", type=int, default=defaults.max_message_size)
+    p.add_argument("--ping-interval", type=float, default=defaults.ping_interval,
+                   help="seconds; 0 disables keepalive pings")
+    p.add_argument("--ping-timeout", type=float, default=defaults.ping_timeout)
+    p.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout)
+    p.add_argument("--idle-timeout", type=float, default=0, help="seconds without a message; 0 = off")
+    p.add_argument("--max-connections", type=int, default=0, help="0 = no limit")
+    p.add_argument("--max-send-buffer", type=int, default=defaults.max_send_buffer)
+    p.add_argument("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN")
+    p.add_argument("--subprotocol", action="append", dest="subprotocols", default=[], metavar="NAME")
+    p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--trusted-proxy", action="append", dest="trusted_proxies", default=[], metavar="ADDR")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    app = load_app(args.app)
+    config = Config(
+        max_message_size=args.max_message_size,
+        ping_interval=args.ping_interval or None,
+        ping_timeout=args.ping_timeout,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout or None,
+        max_connections=args.max_connections,
+        max_send_buffer=args.max_send_buffer,
+        allowed_origins=args.allowed_origins,
+        subprotocols=args.subprotocols,
+        compression=args.compression,
+        trusted_proxies=args.trusted_proxies,
+    )
+    run(app, args.host, args.port, workers=args.workers, config=config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastws", description="fastws WebSocket server and load tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    try:
+        from fastws.bench.cli import add_bench_parser
+    except ImportError:  # the bench tool needs the [bench] extra only for plots
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args)) if hasattr(args, "func") else serve_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Who is connected, and fan-out: sessions by id and by user, rooms, broadcast.
+
+A message published to many sessions is framed once; every target gets the
+same bytes object (sessions that negotiated compression get it compressed
+for them instead).  A backplane (Redis pub/sub) carries publications to the
+other nodes; each node delivers to its own sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastws._frame import OP_BINARY, OP_TEXT, encode_frame
+
+if TYPE_CHECKING:
+    from fastws.connection import Session
+
+
+class Backplane(Protocol):
+    """Carries hub publications between nodes (see fastws.backplane.redis)."""
+
+    def publish(self, channel: str, message: str | bytes) -> None: ...
+
+
+def _frame_for(message: str | bytes) -> bytes:
+    return encode_frame(OP_TEXT if isinstance(message, str) else OP_BINARY, message)
+
+
+class Hub:
+    """Registry and fan-out for the sessions of one server process."""
+
+    ALL = "*"  # the backplane channel for broadcast()
+
+    def __init__(self) -> None:
+        self.sessions: dict[int, Session] = {}
+        self._by_user: dict[Any, set[Session]] = {}
+        self._rooms: dict[str, set[Session]] = {}
+        self.backplane: Backplane | None = None
+
+    # -- registry ---------------------------------------------------------------
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        """Forget a closed session everywhere (called by the server)."""
+        self.sessions.pop(session.id, None)
+        if session.user is not None:
+            self._discard(self._by_user, session.user, session)
+        for room in session.rooms or ():
+            self._discard(self._rooms, room, session)
+        session.rooms = None
+
+    def get(self, session_id: int) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def set_user(self, session: Session, user: Any) -> None:
+        """Tag ``session`` as belonging to ``user`` (one user may have many sessions)."""
+        if session.user is not None:
+            self._discard(self._by_user, session.user, session)
+        session.user = user
+        if user is not None:
+            self._by_user.setdefault(user, set()).add(session)
+
+    def user_sessions(self, user: Any) -> list[Session]:
+        return list(self._by_user.get(user, ()))
+
+    def send_to_user(self, user: Any, message: str | bytes) -> int:
+        """Send to every session of ``user`` on this node; returns how many."""
+        return self._deliver(self._by_user.get(user, ()), message)
+
+    # -- rooms ------------------------------------------------------------------
+
+    def join(self, session: Session, room: str) -> None:
+        self._rooms.setdefault(room, set()).add(session)
+        if session.rooms is None:
+            session.rooms = set()
+        session.rooms.add(room)
+
+    def leave(self, session: Session, room: str) -> None:
+        self._discard(self._rooms, room, session)
+        if session.rooms:
+            session.rooms.discard(room)
+
+    def members(self, room: str) -> list[Session]:
+        return list(self._rooms.get(room, ()))
+
+    def rooms(self) -> dict[str, int]:
+        return {room: len(members) for room, members in self._rooms.items()}
+
+    def publish(self, room: str, message: str | bytes, *, exclude: Session | None = None) -> int:
+        """Send ``message`` to everyone in ``room`` (on every node, given a backplane).
+
+        Returns the number of local sessions it was written to.
+        """
+        if self.backplane is not None:
+            self.backplane.publish(room, message)
+        return self._deliver(self._rooms.get(room, ()), message, exclude)
+
+    def broadcast(self, message: str | bytes, *, exclude: Session | None = None) -> int:
+        """Send ``message`` to every open session (on every node, given a backplane)."""
+        if self.backplane is not None:
+            self.backplane.publish(self.ALL, message)
+        return self._deliver(self.sessions.values(), message, exclude)
+
+    def deliver_remote(self, channel: str, message: str | bytes) -> int:
+        """A publication from another node: deliver it to the local sessions only."""
+        targets = self.sessions.values() if channel == self.ALL else self._rooms.get(channel, ())
+        return self._deliver(targets, message)
+
+    # -- internals --------------------------------------------------------------
+
+    @staticmethod
+    def _deliver(targets: Iterable[Session], message: str | bytes, exclude: Session | None = None) -> int:
+        frame: bytes | None = None
+        count = 0
+        for session in list(targets):  # a send may close a slow session and mutate the set
+            if session is exclude or session.closed:
+                continue
+            if session._deflate is not None:
+                session.send(message)  # compressed per connection
+            else:
+                if frame is None:
+                    frame = _frame_for(message)  # framed once for all plain sessions
+                session.send_frame(frame)
+            count += 1
+        return count
+
+    @staticmethod
+    def _discard(index: dict[Any, set[Session]], key: Any, session: Session) -> None:
+        members = index.get(key)
+        if members is not None:
+            members.discard(session)
+            if not members:
+                del index[key]

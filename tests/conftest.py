@@ -1,0 +1,43 @@
+"""Shared fixtures: a real fastws server on a loopback port, on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from fastws import App, Config, Server
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+StartServer = Callable[..., Awaitable[tuple[Server, int]]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """``server, port = await start_server(app, **config)``: serve on 127.0.0.1, shut down after the test."""
+    servers: list[Server] = []
+
+    async def start(app: App, **config: Any) -> tuple[Server, int]:
+        server = Server(app, Config(**config))
+        (host, port), *_ = await server.listen("127.0.0.1", 0)
+        servers.append(server)
+        return server, port
+
+    yield start
+    for server in servers:
+        await server.shutdown(timeout=1.0)
+
+
+@pytest.fixture
+def demo_app() -> App:
+    from fastws.demo import create_app
+
+    return create_app()
