@@ -287,6 +287,9 @@ class Server:
         self._servers.append(srv)
         if self._keepalive is None:
             self._keepalive = self.loop.create_task(self._keepalive_loop())
+            backplane = self.hub.backplane
+            if backplane is not None and hasattr(backplane, "start"):
+                await backplane.start()
         return [s.getsockname()[:2] for s in srv.sockets]
 
     # -- sessions ----------------------------------------------------------------
@@ -461,6 +464,9 @@ class Server:
                     session.abort()
         if self._keepalive is not None:
             self._keepalive.cancel()
+        backplane = self.hub.backplane
+        if backplane is not None and hasattr(backplane, "close"):
+            await backplane.close()
         for srv in self._servers:
             await srv.wait_closed()
 
