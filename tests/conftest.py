@@ -12,9 +12,17 @@ import uvloop
 from fastws import App, Config, Server
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+# Suites that also run on the plain asyncio loop (cheap enough to run twice).
+BOTH_LOOPS = {"test_smoke_server", "test_conformance", "test_interop"}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test runs on uvloop (the production loop); some on asyncio's loop too."""
+    factories: dict[str, Any] = {"uvloop": uvloop.new_event_loop}
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+        factories["asyncio"] = asyncio.new_event_loop
+    return factories
 
 
 StartServer = Callable[..., Awaitable[tuple[Server, int]]]

@@ -44,6 +44,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN")
     p.add_argument("--subprotocol", action="append", dest="subprotocols", default=[], metavar="NAME")
     p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--transport", default=defaults.transport, choices=["uvloop", "aiofastnet"],
+                   help="socket transports under the uvloop loop")
     p.add_argument("--redis", metavar="URL", help="fan rooms/broadcast out to other nodes via Redis pub/sub")
     p.add_argument("--trusted-proxy", action="append", dest="trusted_proxies", default=[], metavar="ADDR")
 
@@ -63,6 +65,7 @@ def serve_command(args: argparse.Namespace) -> int:
         subprotocols=args.subprotocols,
         compression=args.compression,
         trusted_proxies=args.trusted_proxies,
+        transport=args.transport,
     )
     if args.redis:
         from fastws.backplane.redis import RedisBackplane

@@ -93,7 +93,10 @@ class Session(asyncio.BufferedProtocol):
         self._transport = transport
         self.endpoint = endpoint
         deflate = self._deflate
-        self._writer = FrameWriter(transport.write, is_server=True, writelines=transport.writelines,
+        # aiofastnet transports offer unchecked writes: we only ever hand them bytes
+        write = getattr(transport, "write_nocheck", transport.write)
+        writelines = getattr(transport, "writelines_nocheck", transport.writelines)
+        self._writer = FrameWriter(write, is_server=True, writelines=writelines,
                                    deflate=deflate.compress if deflate else None,
                                    compress_threshold=deflate.compress_threshold if deflate else 0)
         self._reader = FrameReader(self, is_server=True, max_message_size=cfg.max_message_size,

@@ -23,8 +23,14 @@ class Backplane(Protocol):
     def publish(self, channel: str, message: str | bytes) -> None: ...
 
 
-def _frame_for(message: str | bytes) -> bytes:
-    return encode_frame(OP_TEXT if isinstance(message, str) else OP_BINARY, message)
+def _frame_for(message: str | bytes, deflate: Any = None) -> bytes:
+    """The frame for ``message``, compressed with ``deflate``'s settings if it has any."""
+    opcode = OP_TEXT if isinstance(message, str) else OP_BINARY
+    if deflate is not None:
+        payload = message.encode() if isinstance(message, str) else message
+        if len(payload) >= deflate.compress_threshold:
+            return encode_frame(opcode, deflate.compress(payload), rsv1=True)
+    return encode_frame(opcode, message)
 
 
 class Hub:
@@ -113,17 +119,28 @@ class Hub:
 
     @staticmethod
     def _deliver(targets: Iterable[Session], message: str | bytes, exclude: Session | None = None) -> int:
-        frame: bytes | None = None
+        # One frame per kind of session: plain, and each set of compression
+        # settings without context takeover (each message compressed alone, so
+        # the bytes are valid for all of them).  A session whose compressor keeps
+        # context between messages must compress for itself.
+        frames: dict[Any, bytes] = {}
         count = 0
         for session in list(targets):  # a send may close a slow session and mutate the set
             if session is exclude or session.closed:
                 continue
-            if session._deflate is not None:
-                session.send(message)  # compressed per connection
+            deflate = session._deflate
+            if deflate is None:
+                key: Any = None
+            elif deflate.local_no_context_takeover:
+                key = (deflate.local_max_window_bits, deflate.mem_level, deflate.compress_threshold)
             else:
-                if frame is None:
-                    frame = _frame_for(message)  # framed once for all plain sessions
-                session.send_frame(frame)
+                session.send(message)
+                count += 1
+                continue
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = _frame_for(message, deflate)
+            session.send_frame(frame)
             count += 1
         return count
 

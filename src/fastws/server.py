@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import ipaddress
 import json
@@ -32,6 +33,9 @@ from fastws.hub import Hub
 log = logging.getLogger("fastws")
 
 
+TRANSPORTS = ("uvloop", "aiofastnet")
+
+
 @dataclass
 class Config:
     """Server options; the defaults are meant for production."""
@@ -56,9 +60,12 @@ class Config:
     compression_no_context_takeover: bool = True  # bounded memory: no per-connection window kept
     trusted_proxies: Sequence[str] = ()  # addresses/networks whose X-Forwarded-For we believe
     drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to close
+    transport: str = "uvloop"  # "uvloop": the loop's own transports; "aiofastnet": aiofastnet's (Cython)
     deflate: DeflateOptions = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
         nct = self.compression_no_context_takeover
         self.deflate = DeflateOptions(
             enabled=self.compression, compress_threshold=self.compress_threshold,
@@ -279,11 +286,17 @@ class Server:
     async def listen(self, host: str = "127.0.0.1", port: int = 8000, *, sock: socket.socket | None = None,
                      reuse_port: bool = False, backlog: int = 4096) -> list[tuple[str, int]]:
         """Start accepting; returns the bound addresses."""
-        if sock is not None:
-            srv = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=backlog)
+        if self.config.transport == "aiofastnet":
+            import aiofastnet
+
+            create_server = functools.partial(aiofastnet.create_server, self.loop)
         else:
-            srv = await self.loop.create_server(lambda: HttpProtocol(self), host, port,
-                                                reuse_port=reuse_port or None, backlog=backlog)
+            create_server = self.loop.create_server
+        if sock is not None:
+            srv = await create_server(lambda: HttpProtocol(self), sock=sock, backlog=backlog)
+        else:
+            srv = await create_server(lambda: HttpProtocol(self), host, port,
+                                      reuse_port=reuse_port or None, backlog=backlog)
         self._servers.append(srv)
         if self._keepalive is None:
             self._keepalive = self.loop.create_task(self._keepalive_loop())
