@@ -1,0 +1,104 @@
+"""Hub: registry, users, rooms and fan-out, observed by real clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import websockets
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+from fastws import App, Endpoint
+
+
+def room_app() -> App:
+    app = App()
+
+    @app.route("/room/{name}")
+    class Room(Endpoint):
+        def on_open(self) -> None:
+            user = self.session.request.query_params().get("user", [None])[0]
+            self.hub.set_user(self.session, user)
+            self.hub.join(self.session, self.params["name"])
+            self.session.send("joined")
+
+        def on_message(self, message: str | bytes) -> None:
+            if isinstance(message, str) and message.startswith("@"):
+                user, _, text = message[1:].partition(" ")
+                self.session.send(f"sent to {self.hub.send_to_user(user, text)}")
+            elif message == "everyone":
+                self.hub.broadcast("to all")
+            else:
+                self.hub.publish(self.params["name"], message)
+
+    return app
+
+
+async def connect(port: int, room: str, user: str = "", compress: bool = False):
+    extensions = [ClientPerMessageDeflateFactory()] if compress else None
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/room/{room}?user={user}",
+                                  compression=None, extensions=extensions)
+    assert await ws.recv() == "joined"
+    return ws
+
+
+async def test_rooms_isolate_and_every_member_gets_every_message_in_order(start_server):
+    server, port = await start_server(room_app())
+    red = [await connect(port, "red") for _ in range(3)]
+    blue = await connect(port, "blue")
+    for i in range(50):
+        await red[0].send(f"m{i}")
+    for ws in red:
+        assert [await ws.recv() for _ in range(50)] == [f"m{i}" for i in range(50)]
+    await blue.send("blue only")
+    assert await blue.recv() == "blue only"
+    for ws in red:  # nothing from blue leaked into red
+        try:
+            leaked = await asyncio.wait_for(ws.recv(), 0.05)
+        except asyncio.TimeoutError:
+            leaked = None
+        assert leaked is None
+    assert server.hub.rooms() == {"red": 3, "blue": 1}
+    for ws in [*red, blue]:
+        await ws.close()
+    await asyncio.sleep(0.1)
+    assert server.hub.rooms() == {} and not server.hub.sessions
+
+
+async def test_send_to_user_reaches_all_of_that_users_sessions(start_server):
+    server, port = await start_server(room_app())
+    alice1 = await connect(port, "a", "alice")
+    alice2 = await connect(port, "b", "alice")
+    bob = await connect(port, "a", "bob")
+    await bob.send("@alice hi alice")
+    assert await alice1.recv() == "hi alice"
+    assert await alice2.recv() == "hi alice"
+    assert await bob.recv() == "sent to 2"
+    assert {s.id for s in server.hub.user_sessions("alice")} == {s.id for s in server.hub.sessions.values()
+                                                                   if s.user == "alice"}
+    await alice2.close()
+    await asyncio.sleep(0.1)
+    assert len(server.hub.user_sessions("alice")) == 1
+    for ws in (alice1, bob):
+        await ws.close()
+
+
+async def test_broadcast_to_plain_and_compressed_sessions(start_server):
+    # Plain and permessage-deflate clients share one encoded frame per kind;
+    # each client must still decode every message correctly.
+    for no_context_takeover in (True, False):
+        _, port = await start_server(room_app(), compression=True, compress_threshold=16,
+                                     compression_no_context_takeover=no_context_takeover)
+        clients = [await connect(port, "r", compress=c) for c in (False, True, True, False)]
+        for ws, compressed in zip(clients, (False, True, True, False)):
+            assert ("permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")) \
+                == compressed
+        long_text = "compress me " * 100
+        await clients[0].send(long_text)
+        await clients[0].send("everyone")
+        await clients[0].send(b"\x01" * 1000)
+        for ws in clients:
+            assert await ws.recv() == long_text
+            assert await ws.recv() == "to all"
+            assert await ws.recv() == b"\x01" * 1000
+        for ws in clients:
+            await ws.close()
