@@ -564,6 +564,7 @@ cdef class FrameReader:
     cdef Py_ssize_t _msg_len
     cdef Py_ssize_t _msg_cap
     cdef uint32_t _utf8_state
+    cdef Py_ssize_t _consumed      # bytes of the current input fully handled (for handler exceptions)
     cdef public Py_ssize_t messages  # data messages delivered (idle detection reads it)
 
     def __cinit__(self):
@@ -660,10 +661,15 @@ cdef class FrameReader:
         if self._writer is not None:
             self._writer.cork()
         try:
+            self._consumed = 0
             used = self._parse(data, n)
-        except BaseException:
+        except ProtocolError:
             self._closed = True
             self._discard()
+            raise
+        except BaseException:
+            # A handler raised: the stream itself is intact, keep what follows.
+            self._keep_tail(data, n, self._consumed, from_scratch)
             raise
         finally:
             if self._writer is not None:
@@ -671,6 +677,10 @@ cdef class FrameReader:
         if self._closed:
             self._discard()
             return 0
+        self._keep_tail(data, n, used, from_scratch)
+        return 0
+
+    cdef int _keep_tail(self, char *data, Py_ssize_t n, Py_ssize_t used, bint from_scratch) except -1:
         if from_scratch:
             if used < n:
                 self._reserve(n - used)
@@ -770,6 +780,7 @@ cdef class FrameReader:
                 break
             # a complete frame
             pos += hdr + <Py_ssize_t>length
+            self._consumed = pos
             self._done = 0
             self._frame_total = 0
             if opcode & 8:

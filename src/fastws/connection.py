@@ -40,6 +40,10 @@ class _Ready:
 READY = _Ready()
 
 
+def _drop_message(message: Any) -> None:
+    """Where messages go once we have started closing (RFC 6455 7.1.1: no more data)."""
+
+
 class Session(asyncio.BufferedProtocol):
     """A live WebSocket connection: send, ping, close; request data; hub membership."""
 
@@ -238,6 +242,8 @@ class Session(asyncio.BufferedProtocol):
         self._close_sent = True
         self._state = CLOSING
         self._close_code, self._close_reason = code, reason
+        if self._reader is not None:
+            self._reader.on_message = _drop_message
         try:
             self._writer.send_close(code, reason)
         except ValueError:  # a code that cannot go on the wire: say 1011 instead of crashing

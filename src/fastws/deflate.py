@@ -1,18 +1,14 @@
 """permessage-deflate (RFC 7692): header parsing, negotiation, and per-connection zlib state.
 
-Window bits and zlib: zlib cannot *compress* raw deflate with an 8-bit window
-(https://github.com/madler/zlib/issues/171; ``compressobj(wbits=-8)`` raises).
-So:
-
-- our own policy never asks for 8: a configured 8 is raised to 9, because a
-  zlib-based peer (websockets, wsproto) cannot honour 8 for its compressor and
-  wsproto refuses to inflate with 8;
-- when the *peer* insists on 8 for our compressor (it offered
-  ``server_max_window_bits=8``, or a server answered ``client_max_window_bits=8``),
-  we compress with Huffman coding only (``Z_HUFFMAN_ONLY``): no back-references,
-  so the output is valid for any window size, just compressed less;
-- we inflate with at least 9 bits: a larger window is always safe for inflating,
-  and zlib-based peers told "8" really use 9.
+Window bits and zlib: zlib refuses an 8-bit window for raw deflate
+(``compressobj(wbits=-8)`` raises, https://github.com/madler/zlib/issues/171),
+so an agreed 8 is compressed with 9, as zlib itself maps 8 to 9. That is safe:
+zlib's deflate never emits a distance beyond ``w_size - MIN_LOOKAHEAD``
+(512 - 262 = 250 bytes for 9 bits), inside the 256 bytes an 8-bit inflater
+keeps (tests/test_deflate.py checks it against ``zlib.decompressobj(-8)``).
+Our own policy never *asks* a peer for 8 (a configured 8 is advertised as 9):
+wsproto refuses 8 outright and websockets cannot compress with it. We inflate
+with at least 9 bits; a larger window is always safe for inflating.
 """
 
 from __future__ import annotations
@@ -50,7 +46,9 @@ class DeflateOptions:
 
     enabled: bool = False
     server_max_window_bits: int = 15  # our compressor's window (8 is treated as 9, see module doc)
-    client_max_window_bits: int = 15  # the window we let clients use; < 15 declines clients that can't be told
+    client_max_window_bits: int = (
+        15  # the window we let clients use; < 15 declines clients that can't be told
+    )
     server_no_context_takeover: bool = False  # if True always send it (saves memory, costs ratio)
     client_no_context_takeover: bool = False  # if True always ask the client for it
     compress_threshold: int = 128  # messages shorter than this are sent uncompressed
@@ -268,6 +266,10 @@ class PerMessageDeflate:
         inflating the rest: zip bombs stay cheap) and ProtocolError(1002) on
         invalid deflate data.
         """
+        if not payload:
+            # Not valid RFC 7692 (an empty message is sent as 0x00), and 00 00 ff ff
+            # alone would leave the inflater inside a block: take it as empty, untouched.
+            return b""
         decompressor = self._decompressor
         if decompressor is None:
             decompressor = zlib.decompressobj(-max(9, self.remote_max_window_bits))
@@ -290,11 +292,7 @@ class PerMessageDeflate:
         return data
 
     def _new_compressor(self) -> zlib._Compress:
-        bits = self.local_max_window_bits
-        if bits == 8:
-            # zlib can't deflate with an 8-bit window; literals-only output has no
-            # back-references, so it is valid whatever window the peer inflates with.
-            return zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -9, self.mem_level, zlib.Z_HUFFMAN_ONLY)
+        bits = max(9, self.local_max_window_bits)  # 9 for 8: see the module docstring
         return zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -bits, self.mem_level)
 
     # -- negotiation ---------------------------------------------------------
@@ -313,8 +311,12 @@ class PerMessageDeflate:
             if self.is_server
             else (self.remote_no_context_takeover, self.local_no_context_takeover)
         )
-        return _format_response(server_nct, client_nct, server_bits if server_bits < 15 else None,
-                                client_bits if client_bits < 15 else None)
+        return _format_response(
+            server_nct,
+            client_nct,
+            server_bits if server_bits < 15 else None,
+            client_bits if client_bits < 15 else None,
+        )
 
     @staticmethod
     def offer_params() -> str:
@@ -333,7 +335,7 @@ class PerMessageDeflate:
         if offer is None:
             return None
         # Our compressor: the smaller of our policy and the client's limit
-        # (8 only when the client asks for it: then Huffman-only, see module doc).
+        # (8 only when the client asks for it; compressed with 9, see module doc).
         policy = max(9, options.server_max_window_bits)
         offered_server_bits = offer.server_max_window_bits
         server_bits = policy if offered_server_bits is None else min(policy, offered_server_bits)
@@ -372,13 +374,19 @@ class PerMessageDeflate:
 
     @classmethod
     def from_response(
-        cls, params: ExtensionParams, *, offered_client_max_window_bits: bool = True,
-        max_message_size: int = 1 << 20, compress_threshold: int = 128,
+        cls,
+        params: ExtensionParams,
+        *,
+        offered_client_max_window_bits: bool = True,
+        max_message_size: int = 1 << 20,
+        compress_threshold: int = 128,
     ) -> PerMessageDeflate:
         """Client side: build the state from the server's accepted parameters (ValueError if invalid)."""
         resp = _read_params(params, is_offer=False)
         if resp is None:
-            raise ValueError(f"invalid permessage-deflate parameters: {format_extension(EXTENSION_NAME, params)!r}")
+            raise ValueError(
+                f"invalid permessage-deflate parameters: {format_extension(EXTENSION_NAME, params)!r}"
+            )
         if resp.client_max_window_bits is not None and not offered_client_max_window_bits:
             raise ValueError("server sent client_max_window_bits that the client did not offer")
         return cls(

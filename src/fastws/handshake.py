@@ -81,6 +81,11 @@ class Headers:
     def __iter__(self) -> Iterator[str]:
         return (name for name, _ in self._items)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._items == other._items
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
     def __repr__(self) -> str:
         return f"Headers({self._items!r})"
 
@@ -151,10 +156,14 @@ class HeadParser:
         self._request: Request | None = None
         self.rest = b""
 
-    def feed(self, data: bytes) -> Request | None:
-        """Consume bytes; return the Request once the head is complete, else None."""
+    def feed(self, data: bytes | bytearray | memoryview) -> Request | None:
+        """Consume bytes; return the Request once the head is complete, else None.
+
+        After that, further bytes are appended to ``rest`` and the same Request is returned.
+        """
         if self._error is not None:
             raise self._error
+        data = bytes(data)  # a copy if it's a view into a reused read buffer
         if self._request is not None:
             self.rest += data
             return self._request
@@ -194,12 +203,14 @@ class HeadParser:
 
         if end < 0:
             return None
-        if not sink.complete:  # cannot happen with llhttp, but never trust a silent parser
-            raise HandshakeError(400, "malformed HTTP request head")
         version = self._parser.get_http_version()
-        if version not in ("1.0", "1.1"):
+        if version not in ("1.0", "1.1"):  # e.g. 0.9, or the HTTP/2 preface "PRI * HTTP/2.0"
             raise HandshakeError(505, f"HTTP version {version} not supported")
-        self._request = _make_request(self._parser.get_method().decode("ascii"), sink.url, sink.headers, version)
+        if not sink.complete:  # llhttp saw the head end but no complete head: never trust silence
+            raise HandshakeError(400, "malformed HTTP request head")
+        self._request = _make_request(
+            self._parser.get_method().decode("ascii"), sink.url, sink.headers, version
+        )
         self.rest = rest
         self._sink = self._parser = None  # type: ignore[assignment]  # done: free llhttp state
         return self._request
@@ -273,7 +284,9 @@ def accept(
 
     lines = [
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: ", accept_key(key).encode("ascii"), b"\r\n",
+        b"Sec-WebSocket-Accept: ",
+        accept_key(key).encode("ascii"),
+        b"\r\n",
     ]
     if subprotocol is not None:
         lines += (b"Sec-WebSocket-Protocol: ", subprotocol.encode("ascii"), b"\r\n")
@@ -302,25 +315,38 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
         raise HandshakeError(400, "empty Host header")
 
     if "Upgrade" not in headers:
-        raise HandshakeError(426, "this is a WebSocket endpoint: missing Upgrade: websocket header",
-                             [("Upgrade", "websocket")])
+        raise HandshakeError(
+            426, "this is a WebSocket endpoint: missing Upgrade: websocket header", [("Upgrade", "websocket")]
+        )
     if not is_websocket_upgrade(request):
-        raise HandshakeError(426, f"Upgrade header {_show(', '.join(headers.get_all('Upgrade')))} "
-                             "does not offer websocket", [("Upgrade", "websocket")])
+        raise HandshakeError(
+            426,
+            f"Upgrade header {_show(', '.join(headers.get_all('Upgrade')))} does not offer websocket",
+            [("Upgrade", "websocket")],
+        )
     if not any(t.lower() == "upgrade" for t in _tokens(headers.get_all("Connection"))):
         raise HandshakeError(400, "Connection header must include Upgrade")
 
     # Old drafts first: their clients get a pointer to the right protocol, not a key error.
     if "Sec-WebSocket-Key1" in headers and "Sec-WebSocket-Key" not in headers:
-        raise HandshakeError(426, "hixie-76 (draft 76) WebSocket handshakes are not supported; use RFC 6455",
-                             [("Sec-WebSocket-Version", "13")])
+        raise HandshakeError(
+            426,
+            "hixie-76 (draft 76) WebSocket handshakes are not supported; use RFC 6455",
+            [("Sec-WebSocket-Version", "13")],
+        )
     versions = _tokens(headers.get_all("Sec-WebSocket-Version"))
     if not versions:
-        raise HandshakeError(426, "missing Sec-WebSocket-Version header (this server speaks version 13)",
-                             [("Sec-WebSocket-Version", "13")])
+        raise HandshakeError(
+            426,
+            "missing Sec-WebSocket-Version header (this server speaks version 13)",
+            [("Sec-WebSocket-Version", "13")],
+        )
     if versions != ["13"]:
-        raise HandshakeError(426, f"unsupported Sec-WebSocket-Version {_show(', '.join(versions))}; "
-                             "this server speaks version 13", [("Sec-WebSocket-Version", "13")])
+        raise HandshakeError(
+            426,
+            f"unsupported Sec-WebSocket-Version {_show(', '.join(versions))}; this server speaks version 13",
+            [("Sec-WebSocket-Version", "13")],
+        )
 
     keys = headers.get_all("Sec-WebSocket-Key")
     if not keys:

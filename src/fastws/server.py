@@ -250,6 +250,10 @@ class HttpProtocol(asyncio.Protocol):
             server.stats["handshake_failures"] += 1
             self._reply(error_response(err))
             return
+        except Exception:  # e.g. a select_subprotocol hook that raised
+            log.exception("error while accepting a WebSocket upgrade on %s", request.path)
+            self._reply(http_response(500, "internal server error\n"))
+            return
         transport = self._transport
         assert transport is not None
         self._upgraded = True

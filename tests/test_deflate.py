@@ -1,0 +1,443 @@
+"""Unit tests for fastws.deflate: RFC 7692 compression state, checked against zlib
+itself and against the permessage-deflate implementations of websockets and wsproto."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import tracemalloc
+import zlib
+from types import SimpleNamespace
+
+import pytest
+from websockets.extensions.permessage_deflate import PerMessageDeflate as WebsocketsDeflate
+from websockets.frames import Frame, Opcode
+from wsproto.extensions import PerMessageDeflate as WsprotoDeflate
+from wsproto.frame_protocol import Opcode as WsprotoOpcode
+from wsproto.frame_protocol import RsvBits
+
+from fastws.deflate import DeflateOptions, PerMessageDeflate, format_extension, parse_extensions
+from fastws.errors import CloseCode, PayloadTooBig, ProtocolError
+
+TAIL = b"\x00\x00\xff\xff"
+RNG = random.Random(7692)
+
+
+def make(
+    *,
+    is_server: bool = True,
+    local_bits: int = 15,
+    remote_bits: int = 15,
+    local_nct: bool = False,
+    remote_nct: bool = False,
+    max_message_size: int = 1 << 20,
+) -> PerMessageDeflate:
+    return PerMessageDeflate(
+        is_server=is_server,
+        local_max_window_bits=local_bits,
+        remote_max_window_bits=remote_bits,
+        local_no_context_takeover=local_nct,
+        remote_no_context_takeover=remote_nct,
+        max_message_size=max_message_size,
+    )
+
+
+def pair(
+    bits: tuple[int, int] = (15, 15), nct: tuple[bool, bool] = (False, False)
+) -> tuple[PerMessageDeflate, PerMessageDeflate]:
+    """A server and a client that agreed on (server, client) window bits and no_context_takeover."""
+    server = make(local_bits=bits[0], remote_bits=bits[1], local_nct=nct[0], remote_nct=nct[1])
+    client = make(
+        is_server=False, local_bits=bits[1], remote_bits=bits[0], local_nct=nct[1], remote_nct=nct[0]
+    )
+    return server, client
+
+
+def messages() -> list[bytes]:
+    words = [b"alpha", b"beta", b"gamma", b"delta", b'{"type":"chat","room":"lobby"}', b"\xe2\x9c\x93"]
+    text = b" ".join(RNG.choice(words) for _ in range(3000))
+    return [
+        b"",
+        b"a",
+        b"hello world",
+        text[:200],
+        text,
+        os.urandom(5000),  # incompressible
+        bytes(300_000),
+        text[100:900],  # repeats earlier content: context takeover pays off
+        b"",
+    ]
+
+
+MESSAGES = messages()
+SETTINGS = [
+    ((15, 15), (False, False)),
+    ((15, 15), (True, True)),
+    ((9, 12), (False, True)),
+    ((12, 9), (True, False)),
+    ((8, 8), (False, False)),
+    ((10, 8), (True, True)),
+]
+
+
+# ---------------------------------------------------------------------------
+# Our own round trip, and zlib as the oracle
+
+
+@pytest.mark.parametrize(("bits", "nct"), SETTINGS)
+def test_round_trip_both_directions(bits: tuple[int, int], nct: tuple[bool, bool]) -> None:
+    server, client = pair(bits, nct)
+    for message in MESSAGES:
+        wire = server.compress(message)
+        assert not wire.endswith(TAIL) or message == b""
+        assert client.decompress(wire) == message
+        assert server.decompress(client.compress(message)) == message
+
+
+@pytest.mark.parametrize(("bits", "nct"), SETTINGS)
+def test_zlib_inflates_our_output(bits: tuple[int, int], nct: tuple[bool, bool]) -> None:
+    # An independent inflater with exactly the negotiated window: proves we never
+    # reach further back than we promised (including window 8, compressed with 9).
+    server, _ = pair(bits, nct)
+    inflater = zlib.decompressobj(-bits[0])
+    for message in MESSAGES:
+        if nct[0]:
+            inflater = zlib.decompressobj(-bits[0])
+        assert inflater.decompress(server.compress(message) + TAIL) == message
+
+
+def test_window_8_output_fits_256_bytes() -> None:
+    # zlib can't compress with 8, so an agreed 8 is compressed with 9; zlib's deflate
+    # never reaches back more than 250 bytes then. Repeats at distances around 256
+    # across messages (context takeover) must inflate with a strict 8-bit window.
+    rng = random.Random(8)
+    vocabulary = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(20)]
+    ours = make(local_bits=8)
+    inflater = zlib.decompressobj(-8)
+    for _ in range(30):
+        message = b"".join(rng.choice(vocabulary) for _ in range(rng.randrange(0, 40)))
+        assert inflater.decompress(ours.compress(message) + TAIL) == message
+    text = b"back-references still work with a small window. " * 20
+    assert len(ours.compress(text)) < len(text) // 4
+
+
+@pytest.mark.parametrize("remote_nct", [False, True])
+def test_we_inflate_zlib_output(remote_nct: bool) -> None:
+    ours = make(remote_nct=remote_nct)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+    for message in MESSAGES:
+        if remote_nct:
+            deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+        wire = deflater.compress(message) + deflater.flush(zlib.Z_SYNC_FLUSH)
+        assert wire.endswith(TAIL)
+        assert ours.decompress(wire[:-4]) == message
+
+
+def test_context_takeover_shrinks_repeats() -> None:
+    message = b"the same chat message, repeated, again and again! " * 4
+    keep, reset = make(), make(local_nct=True)
+    first_keep, second_keep = keep.compress(message), keep.compress(message)
+    first_reset, second_reset = reset.compress(message), reset.compress(message)
+    assert len(second_keep) < len(first_keep) // 2
+    assert first_reset == second_reset == first_keep
+
+
+def test_empty_message_encodings() -> None:
+    ours = make()
+    assert ours.compress(b"") != b""  # never an empty payload
+    assert ours.decompress(b"\x00") == b""  # RFC 7692 7.2.3.6
+    assert ours.decompress(ours.compress(b"")) == b""
+    # An empty payload (not RFC 7692, but harmless) must not derail the context.
+    assert ours.decompress(b"") == b""
+    assert ours.decompress(ours.compress(b"still in sync")) == b"still in sync"
+
+
+def test_accepts_bytearray_and_memoryview() -> None:
+    server, client = pair()
+    data = bytearray(b"xyz" * 100)
+    assert client.decompress(memoryview(server.compress(memoryview(data)))) == bytes(data)
+    assert client.decompress(bytearray(server.compress(data))) == bytes(data)
+
+
+def test_final_block_from_peer_starts_a_new_stream() -> None:
+    # RFC 7692 7.2.3.3: a sender may end a message with BFINAL set; the next message
+    # is then a new deflate stream.
+    ours = make()
+    for message in (b"first message" * 10, b"second message" * 10, b"third"):
+        deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+        wire = deflater.compress(message) + deflater.flush(zlib.Z_FINISH)
+        assert ours.decompress(wire) == message
+
+
+# ---------------------------------------------------------------------------
+# Lazy allocation and context reset
+
+
+def test_zlib_objects_are_lazy_and_dropped_without_takeover() -> None:
+    keep = make()
+    assert keep._compressor is None and keep._decompressor is None
+    keep.decompress(keep.compress(b"data"))
+    assert keep._compressor is not None and keep._decompressor is not None
+
+    reset = make(local_nct=True, remote_nct=True)
+    reset.decompress(reset.compress(b"data"))
+    assert reset._compressor is None and reset._decompressor is None
+
+
+def test_no_dict_per_connection() -> None:
+    ours = make()
+    with pytest.raises(AttributeError):
+        ours.__dict__  # noqa: B018  # __slots__: idle connections stay small
+
+
+# ---------------------------------------------------------------------------
+# Limits and errors
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """100 MiB of zeros, deflated (about 100 KB), built without holding 100 MiB."""
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -15)
+    chunk = bytes(1 << 20)
+    parts = [deflater.compress(chunk) for _ in range(100)]
+    parts.append(deflater.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(parts)[:-4]
+
+
+def test_decompression_bomb_is_cheap(bomb: bytes) -> None:
+    assert len(bomb) < 1 << 20
+    ours = make(max_message_size=1 << 20)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(PayloadTooBig) as info:
+            ours.decompress(bomb)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+    assert "1048576" in info.value.reason
+    assert elapsed < 0.5
+    assert peak < 8 << 20  # never near the 100 MiB the bomb expands to
+
+
+def test_limit_is_exact() -> None:
+    server, _ = pair()
+    limited = make(max_message_size=1000)
+    assert limited.decompress(server.compress(b"x" * 1000)) == b"x" * 1000
+    limited = make(max_message_size=1000)
+    with pytest.raises(PayloadTooBig):
+        limited.decompress(make().compress(b"x" * 1001))
+
+
+def test_zero_limit_means_unlimited() -> None:
+    ours = make(max_message_size=0)
+    message = bytes(3 << 20)
+    assert ours.decompress(make().compress(message)) == message
+
+
+def test_limit_applies_per_message_with_context() -> None:
+    server, _ = pair()
+    receiver = make(max_message_size=5000)
+    for _ in range(20):  # the shared window never counts against the next message
+        assert receiver.decompress(server.compress(b"y" * 5000)) == b"y" * 5000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xff\xff\xff\xff",  # reserved block type 11
+        b"\x06\x00",  # the same, non-final
+        b"\x00\x05\x00\x00\x00hello",  # stored block whose NLEN isn't ~LEN
+        b"\x04\xff\xff\xff\xff\xff\xff",  # dynamic block with impossible code lengths
+    ],
+)
+def test_corrupt_data_is_a_protocol_error(payload: bytes) -> None:
+    ours = make()
+    with pytest.raises(ProtocolError) as info:
+        ours.decompress(payload)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+    assert "invalid compressed data" in info.value.reason
+    assert not isinstance(info.value, PayloadTooBig)
+
+
+# ---------------------------------------------------------------------------
+# Interop with websockets' permessage-deflate
+
+
+def websockets_peer(ours: PerMessageDeflate) -> WebsocketsDeflate:
+    """The websockets extension on the other end of ``ours``."""
+    return WebsocketsDeflate(
+        remote_no_context_takeover=ours.local_no_context_takeover,
+        local_no_context_takeover=ours.remote_no_context_takeover,
+        remote_max_window_bits=ours.local_max_window_bits,
+        local_max_window_bits=ours.remote_max_window_bits,
+    )
+
+
+# websockets can't compress with window 8 (same zlib limit), so remote bits start at 9.
+WS_SETTINGS = [s for s in SETTINGS if s[0][1] >= 9]
+
+
+@pytest.mark.parametrize(("bits", "nct"), WS_SETTINGS)
+def test_websockets_inflates_ours(bits: tuple[int, int], nct: tuple[bool, bool]) -> None:
+    ours, _ = pair(bits, nct)
+    peer = websockets_peer(ours)
+    for message in MESSAGES:
+        frame = peer.decode(Frame(Opcode.BINARY, ours.compress(message), rsv1=True), max_size=1 << 20)
+        assert frame.data == message and not frame.rsv1
+
+
+@pytest.mark.parametrize(("bits", "nct"), WS_SETTINGS)
+def test_we_inflate_websockets(bits: tuple[int, int], nct: tuple[bool, bool]) -> None:
+    ours, _ = pair(bits, nct)
+    peer = websockets_peer(ours)
+    for message in MESSAGES:
+        frame = peer.encode(Frame(Opcode.BINARY, message))
+        assert frame.rsv1
+        assert ours.decompress(frame.data) == message
+
+
+def test_we_inflate_fragmented_websockets_message() -> None:
+    # A compressed message split into frames is one deflate stream: the connection
+    # layer joins the payloads and inflates once.
+    ours = make()
+    peer = websockets_peer(ours)
+    message = b"fragmented message " * 500
+    parts = [message[:3000], message[3000:6000], message[6000:]]
+    frames = [
+        peer.encode(Frame(Opcode.TEXT, parts[0], fin=False)),
+        peer.encode(Frame(Opcode.CONT, parts[1], fin=False)),
+        peer.encode(Frame(Opcode.CONT, parts[2], fin=True)),
+    ]
+    assert frames[0].rsv1 and not frames[1].rsv1
+    assert ours.decompress(b"".join(bytes(f.data) for f in frames)) == message
+
+
+def test_random_conversation_with_websockets() -> None:
+    rng = random.Random(13)
+    ours = make(local_bits=11, remote_bits=10)
+    peer = websockets_peer(ours)
+    vocabulary = [os.urandom(8) for _ in range(30)]
+    for _ in range(300):
+        message = b"".join(rng.choice(vocabulary) for _ in range(rng.randrange(0, 400)))
+        assert peer.decode(Frame(Opcode.BINARY, ours.compress(message), rsv1=True)).data == message
+        assert ours.decompress(peer.encode(Frame(Opcode.BINARY, message)).data) == message
+
+
+# ---------------------------------------------------------------------------
+# Interop with wsproto's permessage-deflate (as the client)
+
+
+def wsproto_client(server: PerMessageDeflate) -> tuple[WsprotoDeflate, SimpleNamespace]:
+    ext = WsprotoDeflate(
+        client_no_context_takeover=server.remote_no_context_takeover,
+        client_max_window_bits=server.remote_max_window_bits,
+        server_no_context_takeover=server.local_no_context_takeover,
+        server_max_window_bits=server.local_max_window_bits,
+    )
+    return ext, SimpleNamespace(client=True)
+
+
+def wsproto_receive(ext: WsprotoDeflate, proto: SimpleNamespace, payload: bytes) -> bytes:
+    ext.frame_inbound_header(proto, WsprotoOpcode.BINARY, RsvBits(True, False, False), len(payload))  # type: ignore[arg-type]
+    head = ext.frame_inbound_payload_data(proto, payload)  # type: ignore[arg-type]
+    tail = ext.frame_inbound_complete(proto, True)  # type: ignore[arg-type]
+    assert isinstance(head, bytes) and isinstance(tail, bytes)
+    return head + tail
+
+
+# wsproto accepts window bits 9..15 only.
+WSPROTO_SETTINGS = [s for s in SETTINGS if min(s[0]) >= 9]
+
+
+@pytest.mark.parametrize(("bits", "nct"), WSPROTO_SETTINGS)
+def test_wsproto_interop(bits: tuple[int, int], nct: tuple[bool, bool]) -> None:
+    ours, _ = pair(bits, nct)
+    ext, proto = wsproto_client(ours)
+    for message in MESSAGES:
+        assert wsproto_receive(ext, proto, ours.compress(message)) == message
+        rsv, wire = ext.frame_outbound(
+            proto, WsprotoOpcode.BINARY, RsvBits(False, False, False), message, True
+        )  # type: ignore[arg-type]
+        assert rsv.rsv1
+        assert ours.decompress(wire) == message
+
+
+# ---------------------------------------------------------------------------
+# Header grammar and parameter helpers
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("", []),
+        ("permessage-deflate", [("permessage-deflate", [])]),
+        ("a;b;c=1, d", [("a", [("b", None), ("c", "1")]), ("d", [])]),
+        (" a ; b = 2 ,\t, e ", [("a", [("b", "2")]), ("e", [])]),
+        ('a; b="10"', [("a", [("b", "10")])]),
+        ('a; b="x\\yz"', [("a", [("b", "xyz")])]),  # quoted-pair
+        ('a; b="1,0", c', None),  # unquoted to "1,0": not a token
+        ('a; b=""', None),
+        ("a; b=", None),
+        ("a b", None),
+        ("a;", None),
+        ("; b", None),
+        ('a; b="1', None),
+    ],
+)
+def test_parse_extensions(value: str, parsed: list | None) -> None:
+    if parsed is None:
+        with pytest.raises(ValueError):
+            parse_extensions(value)
+    else:
+        assert parse_extensions(value) == parsed
+
+
+def test_format_extension_round_trip() -> None:
+    value = "permessage-deflate; server_no_context_takeover; client_max_window_bits=10"
+    [(name, params)] = parse_extensions(value)
+    assert format_extension(name, params) == value
+
+
+def test_response_params_of_a_direct_instance() -> None:
+    assert make().response_params() == "permessage-deflate"
+    assert make(local_bits=10, remote_bits=12, local_nct=True).response_params() == (
+        "permessage-deflate; server_no_context_takeover; server_max_window_bits=10; client_max_window_bits=12"
+    )
+    client = make(is_server=False, local_bits=12, remote_bits=10, remote_nct=True)
+    assert client.response_params() == (
+        "permessage-deflate; server_no_context_takeover; server_max_window_bits=10; client_max_window_bits=12"
+    )
+    assert PerMessageDeflate.offer_params() == "permessage-deflate; client_max_window_bits"
+
+
+def test_accept_offer_and_from_response_agree() -> None:
+    [(_, params)] = parse_extensions("permessage-deflate; client_max_window_bits; server_max_window_bits=12")
+    server = PerMessageDeflate.accept_offer(
+        params,
+        DeflateOptions(enabled=True, client_max_window_bits=10, compress_threshold=7),
+        max_message_size=99,
+    )
+    assert server is not None
+    assert (server.compress_threshold, server.max_message_size) == (7, 99)
+    [(_, answer)] = parse_extensions(server.response_params())
+    client = PerMessageDeflate.from_response(answer)
+    assert (client.local_max_window_bits, client.remote_max_window_bits) == (10, 12)
+    assert (server.local_max_window_bits, server.remote_max_window_bits) == (12, 10)
+
+
+def test_from_response_refuses_unoffered_client_bits() -> None:
+    with pytest.raises(ValueError):
+        PerMessageDeflate.from_response(
+            [("client_max_window_bits", "10")], offered_client_max_window_bits=False
+        )
+
+
+def test_constructor_validates_window_bits() -> None:
+    with pytest.raises(ValueError):
+        make(local_bits=7)
+    with pytest.raises(ValueError):
+        make(remote_bits=16)
