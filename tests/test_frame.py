@@ -199,12 +199,13 @@ OKC = uframe(1, "ok")
 TAILC = uframe(1, "after")
 
 
-def bad(name, stream, code, *, is_server=True, pre=True, **kw):
+def bad(name, stream, code, *, is_server=True, pre=True, extra=(), **kw):
+    """A violation after a good message (delivered first) and before more input (ignored)."""
     if is_server:
         stream = (OK if pre else b"") + stream + TAIL
     else:
         stream = (OKC if pre else b"") + stream + TAILC
-    return (name, is_server, stream, [("message", "ok")] if pre else [], code, kw)
+    return (name, is_server, stream, ([("message", "ok")] if pre else []) + list(extra), code, kw)
 
 
 INVALID_CLOSE_CODES = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
@@ -247,10 +248,11 @@ INVALID = [
     bad("ping-len64-form-small", mframe(9, b"x" * 10, len_form=64), 1002),  # 127 in the 7-bit field
     bad("continuation-without-start", mframe(0, "x"), 1002),
     bad("continuation-without-start-nofin", mframe(0, "x", fin=False), 1002),
-    bad("continuation-after-complete", mframe(1, "a") + mframe(0, "b"), 1002),
+    bad("continuation-after-complete", mframe(1, "a") + mframe(0, "b"), 1002, extra=[("message", "a")]),
     bad("text-inside-fragmented", mframe(1, "a", fin=False) + mframe(1, "b"), 1002),
     bad("binary-inside-fragmented", mframe(1, "a", fin=False) + mframe(2, b"b"), 1002),
-    bad("text-inside-fragmented-binary", mframe(2, b"a", fin=False) + mframe(9) + mframe(1, "b", fin=False), 1002),
+    bad("text-inside-fragmented-binary", mframe(2, b"a", fin=False) + mframe(9) + mframe(1, "b", fin=False), 1002,
+        extra=[("ping", b"")]),
     bad("len64-top-bit", bytes([0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 5]) + KEY + b"x" * 5, 1002),
     bad("len64-all-ones", bytes([0x82, 0xFF]) + b"\xff" * 8 + KEY, 1002),
     bad("len64-top-bit-unlimited", bytes([0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0]) + KEY, 1002, max_message_size=0),
@@ -557,43 +559,123 @@ def test_message_data_does_not_alias_the_read_buffer():
     assert rec.calls == [c for i in range(50) for c in (("message", bytes([i]) * 64), ("ping", bytes([i]) * 8))]
 
 
+def test_reader_in_another_thread():
+    import threading
+
+    result = {}
+
+    def work():
+        got, err, _ = run([mframe(2, BIN256) * 3, mframe(1, "x" * 70000)], "asyncio")
+        result["v"] = (got, err)
+
+    t = threading.Thread(target=work)
+    t.start()
+    got, err, _ = run([mframe(1, "main") * 2], "asyncio")
+    t.join()
+    assert err is None and got == [("message", "main")] * 2
+    assert result["v"] == ([("message", BIN256)] * 3 + [("message", "x" * 70000)], None)
+
+
+def test_two_readers_interleaved_get_buffer():
+    """Two connections on one loop: each get_buffer/buffer_updated pair is used back to back."""
+    recs = [Recorder(), Recorder()]
+    readers = [FrameReader(r, is_server=True) for r in recs]
+    streams = [b"".join(mframe(1, f"{k}-{i}" * (i + 1)) for i in range(60)) for k in range(2)]
+    rng = random.Random(5)
+    pos = [0, 0]
+    while pos[0] < len(streams[0]) or pos[1] < len(streams[1]):
+        k = rng.randrange(2)
+        if pos[k] >= len(streams[k]):
+            k = 1 - k
+        n = rng.randint(1, 40)
+        push(readers[k], streams[k][pos[k] : pos[k] + n], "asyncio")
+        pos[k] += n
+    for k in range(2):
+        assert recs[k].calls == [("message", f"{k}-{i}" * (i + 1)) for i in range(60)]
+
+
+def test_synchronous_loopback_does_not_corrupt_a_partial_frame():
+    """A writer whose write() synchronously feeds another reader (an in-memory transport pair, as
+    test harnesses use) must not clobber the bytes of a partial frame the first reader still holds."""
+    client_rec = Recorder()
+    client = FrameReader(client_rec, is_server=False)
+
+    def deliver(data):
+        buf = client.get_buffer(-1)
+        buf[: len(data)] = data
+        client.buffer_updated(len(data))
+
+    writer = FrameWriter(deliver, is_server=True)
+
+    class BigEcho(Recorder):
+        def on_message(self, data):
+            super().on_message(data)
+            writer.send(data * 20)
+
+    rec = BigEcho()
+    server = FrameReader(rec, is_server=True, writer=writer)
+    second = mframe(1, "second message")
+    push(server, mframe(1, "first") + second[:8], "asyncio")
+    push(server, second[8:], "asyncio")
+    assert rec.calls == [("message", "first"), ("message", "second message")]
+    assert client_rec.calls == [("message", "first" * 20), ("message", "second message" * 20)]
+
+
 # --------------------------------------------------------------------------- differential fuzz vs the reference reader
 
 
 @st.composite
 def frame_streams(draw):
+    """Mostly well-formed conversations (fragmented messages, interleaved control frames, a close),
+    with a mutation in about a third of them: wrong bits, opcodes, masking, lengths, UTF-8, close codes."""
     is_server = draw(st.booleans())
     max_size = draw(st.sampled_from([0, 300, 1 << 20]))
-    out = []
-    for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["text", "text", "binary", "binary", "ping", "pong", "close", "raw"]))
-        fin = draw(st.booleans()) if kind in ("text", "binary", "raw") else True
+    specs = []  # [opcode, payload, fin, rsv, masked]
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["text", "binary", "ping", "pong"]))
+        if kind in ("ping", "pong"):
+            specs.append([9 if kind == "ping" else 10, draw(st.binary(max_size=125)), True, 0, is_server])
+            continue
         if kind == "text":
-            opcode = draw(st.sampled_from([1, 0]))
-        elif kind == "binary":
-            opcode = draw(st.sampled_from([2, 0]))
-        elif kind == "raw":
-            opcode = draw(st.integers(0, 15))
+            raw = draw(st.text(max_size=120)).encode()
         else:
-            opcode = {"ping": 9, "pong": 10, "close": 8}[kind]
-        if kind == "text":
-            payload = draw(st.text(max_size=40)).encode()
-            if draw(st.integers(0, 9)) == 0:  # occasionally cut or corrupt it
-                cut = draw(st.integers(0, len(payload)))
-                payload = payload[:cut] + draw(st.sampled_from(list(TRICKY_UTF8.values()) + [b""])) + payload[cut:]
-        elif kind == "close":
-            payload = draw(st.one_of(
-                st.just(b""), st.just(b"\x03"),
-                st.builds(lambda c, r: struct.pack("!H", c) + r.encode()[:100],
-                          st.sampled_from([1000, 1001, 1005, 1016, 3000, 4999, 5000, 999]), st.text(max_size=10)),
-                st.builds(lambda r: b"\x03\xe8" + r, st.binary(max_size=6)),
-            ))
+            raw = draw(st.binary(max_size=400))
+        cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=3)))
+        bounds = [0, *cuts, len(raw)]
+        frags = [raw[x:y] for x, y in zip(bounds, bounds[1:])]
+        for j, frag in enumerate(frags):
+            if j and draw(st.integers(0, 3)) == 0:
+                specs.append([9, draw(st.binary(max_size=20)), True, 0, is_server])
+            specs.append([(1 if kind == "text" else 2) if j == 0 else 0, frag, j == len(frags) - 1, 0, is_server])
+    if draw(st.booleans()):
+        specs.append([8, draw(st.sampled_from([b"", b"\x03\xe8", b"\x0f\xa0bye"])), True, 0, is_server])
+    if draw(st.integers(0, 2)) == 0:  # one mutation
+        f = specs[draw(st.integers(0, len(specs) - 1))]
+        what = draw(st.sampled_from(["rsv", "opcode", "fin", "mask", "utf8", "close", "big", "control-len"]))
+        if what == "rsv":
+            f[3] = draw(st.integers(1, 7))
+        elif what == "opcode":
+            f[0] = draw(st.integers(0, 15))
+        elif what == "fin":
+            f[2] = not f[2]
+        elif what == "mask":
+            f[4] = not f[4]
+        elif what == "utf8":
+            pos = draw(st.integers(0, len(f[1])))
+            f[1] = f[1][:pos] + draw(st.sampled_from(list(TRICKY_UTF8.values()))) + f[1][pos:]
+            if draw(st.booleans()):
+                f[0] = 1
+        elif what == "close":
+            f[0], f[2] = 8, True
+            f[1] = draw(st.sampled_from([b"\x03", struct.pack("!H", 1005), struct.pack("!H", 2999),
+                                         struct.pack("!H", 5000), b"\x03\xe8\xff", b"\x03\xe8\xe2\x82",
+                                         struct.pack("!H", 1014) + b"ok"]))
+        elif what == "big":
+            f[1] = f[1] + b"x" * draw(st.integers(100, 400))
         else:
-            payload = draw(st.binary(max_size=400 if kind in ("binary", "raw") else 125))
-        rsv = draw(st.sampled_from([0] * 20 + [1, 2, 4]))
-        masked = is_server if draw(st.integers(0, 30)) else not is_server
-        key = draw(st.binary(min_size=4, max_size=4)) if masked else None
-        out.append(O.frame(opcode, payload, fin=fin, rsv=rsv, mask_key=key))
+            f[1] = f[1] + b"y" * (126 - len(f[1])) if len(f[1]) < 126 else f[1]
+    out = [O.frame(op, pl, fin=fin, rsv=rsv, mask_key=draw(st.binary(min_size=4, max_size=4)) if m else None)
+           for op, pl, fin, rsv, m in specs]
     stream = b"".join(out)
     cuts = draw(st.lists(st.integers(0, len(stream)), max_size=6))
     mode = draw(st.sampled_from(MODES))
@@ -668,11 +750,58 @@ def test_inflate_violations(name, stream, code):
     assert err is not None and err.code == code
 
 
-def test_inflated_message_over_the_limit_is_1009():
-    got, err, _ = run([mframe(2, b"x" * 50, rsv=O.RSV1)], "feed", inflate=Inflater(grow=51), max_message_size=100)
-    assert err is not None and err.code == 1009
-    got, err, _ = run([mframe(2, b"x" * 50, rsv=O.RSV1)], "feed", inflate=Inflater(grow=50), max_message_size=100)
-    assert err is None and got == [("message", b"x" * 50 + b"!" * 50)]
+def test_inflate_errors_propagate():
+    """The inflate callable enforces the size limit (PayloadTooBig) and rejects bad data (1002)."""
+    from fastws.errors import PayloadTooBig as TooBig
+
+    def too_big(data):
+        raise TooBig("decompressed message too big")
+
+    def corrupt(data):
+        raise ProtocolError(1002, "invalid compressed data")
+
+    for inflate, code in ((too_big, 1009), (corrupt, 1002)):
+        writes: list = []
+        writer = FrameWriter(writes.append, is_server=True)
+        rec = Echo(writer)
+        reader = FrameReader(rec, is_server=True, inflate=inflate, writer=writer)
+        with pytest.raises(ProtocolError) as ei:
+            reader.feed(OK + mframe(2, b"zz", rsv=O.RSV1) + TAIL)
+        assert ei.value.code == code
+        assert rec.calls == [("message", "ok")] and reader.closed and not writer.corked
+        assert writes == [uframe(1, "ok")]
+        reader.feed(mframe(1, "ignored"))
+        assert rec.calls == [("message", "ok")]
+
+
+def test_set_inflate():
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True)
+    reader.set_inflate(Inflater())
+    reader.feed(mframe(2, b"cba", rsv=O.RSV1))
+    reader.set_inflate(None)
+    with pytest.raises(ProtocolError) as ei:
+        reader.feed(mframe(2, b"cba", rsv=O.RSV1))
+    assert ei.value.code == 1002
+    assert rec.calls == [("message", b"abc")]
+
+
+@pytest.mark.parametrize("mode", ["feed", "asyncio"])
+def test_fail_fast_after_a_compressed_fragmented_message(mode):
+    """Fail-fast UTF-8 must not depend on whether the previous message was compressed."""
+    for first in (
+        mframe(1, b"cb", fin=False, rsv=O.RSV1) + mframe(0, b"a"),  # compressed, fragmented
+        mframe(1, b"cba", rsv=O.RSV1),  # compressed, one frame
+        mframe(1, b"a", fin=False) + mframe(0, b"bc"),  # plain, fragmented
+    ):
+        h, partial = long_text_prefix(b"abc\xff", 1000)
+        rec = Recorder()
+        reader = FrameReader(rec, is_server=True, inflate=Inflater())
+        push(reader, first, mode)
+        assert rec.calls == [("message", "abc")]
+        with pytest.raises(ProtocolError) as ei:
+            push(reader, partial, mode)  # the frame is incomplete: only fail-fast can catch it
+        assert ei.value.code == 1007, first
 
 
 def test_inflate_with_zlib_roundtrip():
@@ -915,6 +1044,121 @@ def test_writer_without_deflate_never_sets_rsv1():
     assert writes == [O.frame(2, b"x" * 1000)]
 
 
+def test_writer_writelines_for_big_unmasked_payloads():
+    log: list = []
+    big = bytes(range(256)) * 300  # 76,800 bytes
+    w = FrameWriter(lambda b: log.append(("write", b)), is_server=True,
+                    writelines=lambda seq: log.append(("writelines", tuple(seq))))
+    w.cork()
+    w.send("a")
+    w.send(big)
+    w.send("b")
+    w.uncork()
+    stream = b"".join(x[1] if x[0] == "write" else b"".join(x[1]) for x in log)
+    assert [(f.opcode, f.payload) for f in frames_of([stream])] == [(1, b"a"), (2, big), (1, b"b")]
+    wl = [x for x in log if x[0] == "writelines"]
+    if wl:  # the payload goes out uncopied: the very object given
+        assert any(part is big for part in wl[0][1])
+    # a mutable buffer is never passed on uncopied
+    log.clear()
+    ba = bytearray(big)
+    w.send(ba)
+    ba[:10] = b"\x00" * 10
+    stream = b"".join(x[1] if x[0] == "write" else b"".join(x[1]) for x in log)
+    assert frames_of([stream])[0].payload == big
+    # clients mask, so they always copy
+    log.clear()
+    c = FrameWriter(lambda b: log.append(("write", b)), is_server=False,
+                    writelines=lambda seq: log.append(("writelines", tuple(seq))))
+    c.send(big)
+    assert [x[0] for x in log] == ["write"]
+    assert frames_of([log[0][1]])[0].payload == big
+
+
+@pytest.mark.parametrize("is_server", [True, False])
+def test_writer_fragment_size(is_server):
+    writes: list = []
+    w = FrameWriter(writes.append, is_server=is_server, fragment_size=4)
+    assert w.fragment_size == 4
+    w.send(b"0123456789")
+    w.send("héllo!")  # 7 bytes: split inside the é is fine, the receiver reassembles
+    w.send(b"abcd")
+    w.send_ping(b"0123456789")  # control frames are never fragmented
+    frames = frames_of(writes)
+    assert [(f.fin, f.opcode, f.payload) for f in frames] == [
+        (False, 2, b"0123"), (False, 0, b"4567"), (True, 0, b"89"),
+        (False, 1, b"h\xc3\xa9l"), (True, 0, b"lo!"),
+        (True, 2, b"abcd"),
+        (True, 9, b"0123456789"),
+    ]
+    got, err, _ = run(writes, "feed", is_server=not is_server)
+    assert err is None
+    assert got == [("message", b"0123456789"), ("message", "héllo!"), ("message", b"abcd"), ("ping", b"0123456789")]
+
+
+def test_writer_fragment_size_with_deflate_sets_rsv1_on_first_frame_only():
+    writes: list = []
+    w = FrameWriter(writes.append, is_server=True, deflate=lambda b: bytes(b)[::-1], compress_threshold=0,
+                    fragment_size=3)
+    w.send(b"abcdefg")
+    frames = frames_of(writes)
+    assert [(f.fin, f.rsv, f.opcode, f.payload) for f in frames] == [
+        (False, 4, 2, b"gfe"), (False, 0, 0, b"dcb"), (True, 0, 0, b"a")]
+    got, err, _ = run(writes, "feed", is_server=False, inflate=Inflater())
+    assert err is None and got == [("message", b"abcdefg")]
+
+
+def test_writer_set_deflate_and_threshold_attribute():
+    writes: list = []
+    w = FrameWriter(writes.append, is_server=True)
+    assert w.compress_threshold == 128
+    w.set_deflate(lambda b: b"Z", 2)
+    assert w.compress_threshold == 2
+    w.send(b"a")
+    w.send(b"ab")
+    w.compress_threshold = 5
+    w.send(b"abcd")
+    w.set_deflate(None)
+    w.send(b"x" * 500)
+    assert writes == [O.frame(2, b"a"), O.frame(2, b"Z", rsv=O.RSV1), O.frame(2, b"abcd"), O.frame(2, b"x" * 500)]
+
+
+def test_writer_buffered_and_big_corked_batches():
+    writes: list = []
+    w = FrameWriter(writes.append, is_server=False)
+    assert w.buffered == 0
+    w.cork()
+    w.send(b"abc")
+    assert w.buffered == len(O.frame(2, b"abc", mask_key=KEY))
+    payloads = [bytes([i]) * 30000 for i in range(20)]  # 600 KB while corked: may flush early, in order
+    for p in payloads:
+        w.send(p)
+    w.uncork()
+    assert w.buffered == 0
+    assert [f.payload for f in frames_of(writes)] == [b"abc"] + payloads
+    assert all(type(x) is bytes for x in writes)
+
+
+def test_writer_refuses_invalid_frames():
+    w = FrameWriter([].append, is_server=True)
+    for call in (
+        lambda: w.send_ping(b"x" * 126),
+        lambda: w.send_pong(b"x" * 126),
+        lambda: w.send_frame(_frame.OP_PING, b"", fin=False),
+        lambda: w.send_frame(3, b""),
+        lambda: w.send_close(1005),
+        lambda: w.send_close(1000, "x" * 124),
+        lambda: encode_frame(_frame.OP_CLOSE, b"x" * 126),
+        lambda: encode_frame(0xB, b""),
+        lambda: encode_close_payload(1006),
+        lambda: encode_close_payload(1000, "é" * 62),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    w.send_ping(b"x" * 125)
+    w.send_close(1000, "x" * 123)
+
+
 # --------------------------------------------------------------------------- close payloads
 
 
@@ -928,7 +1172,7 @@ def test_encode_close_payload():
 def test_parse_close_payload():
     assert parse_close_payload(b"") == (1005, "")
     assert parse_close_payload(b"\x03\xe8") == (1000, "")
-    assert parse_close_payload(b"\x0f\xa0bye ü") == (4000, "bye ü")
+    assert parse_close_payload(b"\x0f\xa0" + "bye ü".encode()) == (4000, "bye ü")
     with pytest.raises(ProtocolError) as ei:
         parse_close_payload(b"\x03")
     assert ei.value.code == 1002

@@ -29,6 +29,7 @@ cdef extern from "pythread.h":
 
 cdef extern from "_mask.h":
     void fastws_mask(uint8_t *p, size_t n, const uint8_t *key, unsigned phase) nogil
+    void fastws_mask_copy(uint8_t *dst, const uint8_t *src, size_t n, const uint8_t *key) nogil
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -135,8 +136,10 @@ def apply_mask(data, mask):
         try:
             if key.len != 4:
                 raise ValueError(f"mask must be 4 bytes, got {key.len}")
-            result = PyBytes_FromStringAndSize(<char *>view.buf, view.len)
-            fastws_mask(<uint8_t *>PyBytes_AS_STRING(result), view.len, <const uint8_t *>key.buf, 0)
+            # A fresh object (NULL source): CPython shares 1-byte bytes objects.
+            result = PyBytes_FromStringAndSize(NULL, view.len)
+            fastws_mask_copy(<uint8_t *>PyBytes_AS_STRING(result), <const uint8_t *>view.buf, view.len,
+                             <const uint8_t *>key.buf)
             return result
         finally:
             PyBuffer_Release(&key)
@@ -524,6 +527,7 @@ cdef class FrameWriter:
 # is copied into the connection's own buffer.  Idle connections own nothing.
 cdef char *_scratch = NULL
 cdef unsigned long _scratch_thread = 0
+cdef bint _scratch_busy = False  # a reader is parsing it (a handler may feed another reader)
 
 cdef char *scratch_buffer() except? NULL:
     global _scratch, _scratch_thread
@@ -532,8 +536,8 @@ cdef char *scratch_buffer() except? NULL:
         if _scratch == NULL:
             raise MemoryError()
         _scratch_thread = PyThread_get_thread_ident()
-    elif _scratch_thread != PyThread_get_thread_ident():
-        return NULL  # another thread's: use a private buffer
+    elif _scratch_thread != PyThread_get_thread_ident() or _scratch_busy:
+        return NULL  # another thread's, or in use further up the stack: use a private buffer
     return _scratch
 
 
@@ -541,9 +545,7 @@ cdef class FrameReader:
     """Incremental RFC 6455 frame parser; see _frame.pyi for the contract."""
 
     cdef public object on_message  # swappable: the session routes messages through a queue at times
-    cdef object _on_ping
-    cdef object _on_pong
-    cdef object _on_close
+    cdef object _handler            # control frames are rare: look its methods up when needed
     cdef object _inflate
     cdef FrameWriter _writer
     cdef bint _is_server
@@ -574,9 +576,7 @@ cdef class FrameReader:
     def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
                  inflate=None, FrameWriter writer=None):
         self.on_message = handler.on_message
-        self._on_ping = handler.on_ping
-        self._on_pong = handler.on_pong
-        self._on_close = handler.on_close
+        self._handler = handler
         self._is_server = is_server
         self.max_message_size = max_message_size
         self._inflate = inflate
@@ -631,9 +631,14 @@ cdef class FrameReader:
         return PyMemoryView_FromMemory(self._buf + self._buf_len, self._buf_cap - self._buf_len, PyBUF_WRITE)
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        global _scratch_busy
         if self._in_scratch:
             self._in_scratch = False
-            self._process(_scratch, nbytes, True)
+            _scratch_busy = True
+            try:
+                self._process(_scratch, nbytes, True)
+            finally:
+                _scratch_busy = False
         else:
             self._buf_len += nbytes
             self._process(self._buf, self._buf_len, False)
@@ -842,6 +847,7 @@ cdef class FrameReader:
 
     cdef void _drop_msg(self) noexcept:
         self._msg_len = 0
+        self._msg_compressed = False
         PyMem_Free(self._msg)
         self._msg = NULL
         self._msg_cap = 0
@@ -875,11 +881,11 @@ cdef class FrameReader:
     cdef int _control(self, int opcode, char *data, Py_ssize_t n) except -1:
         cdef bytes payload = PyBytes_FromStringAndSize(data, n)
         if opcode == OPC_PING:
-            self._on_ping(payload)
+            self._handler.on_ping(payload)
         elif opcode == OPC_PONG:
-            self._on_pong(payload)
+            self._handler.on_pong(payload)
         else:
             code, reason = _parse_close(payload)
             self._closed = True
-            self._on_close(code, reason)
+            self._handler.on_close(code, reason)
         return 0

@@ -43,51 +43,64 @@ class Headers:
     """Case-insensitive multi-map of header fields; keeps order and original names.
 
     Iteration and len() are over header *lines* (a repeated name appears twice).
+    A session keeps its request's headers packed into one bytes object
+    (``packed()``), parsed again on each access: an idle connection then pays
+    a few hundred bytes for them instead of two small objects per field.
     """
 
-    __slots__ = ("_items", "_keys")
+    __slots__ = ("_items", "_packed")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items: list[tuple[str, str]] = []
-        self._keys: list[str] = []  # lower-cased names, parallel to _items
-        for name, value in items:
-            self.add(name, value)
+        self._items: list[tuple[str, str]] | None = list(items)
+        self._packed: bytes = b""
 
     def add(self, name: str, value: str) -> None:
-        self._items.append((name, value))
-        self._keys.append(name.lower())
+        self._pairs().append((name, value))
+
+    def packed(self) -> Headers:
+        """A read-only copy stored compactly (values are latin-1, so this round-trips)."""
+        copy = Headers()
+        copy._items = None
+        copy._packed = "".join(f"{n}\0{v}\0" for n, v in self._pairs()).encode("latin-1")
+        return copy
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        if self._items is not None:
+            return self._items
+        fields = self._packed.decode("latin-1").split("\0")
+        return list(zip(fields[0:-1:2], fields[1:-1:2]))
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``."""
         key = name.lower()
-        for i, k in enumerate(self._keys):
-            if k == key:
-                return self._items[i][1]
+        for k, v in self._pairs():
+            if k.lower() == key:
+                return v
         return default
 
     def get_all(self, name: str) -> list[str]:
         key = name.lower()
-        return [self._items[i][1] for i, k in enumerate(self._keys) if k == key]
+        return [v for k, v in self._pairs() if k.lower() == key]
 
     def items(self) -> list[tuple[str, str]]:
-        return list(self._items)
+        return list(self._pairs())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._keys
+        return isinstance(name, str) and self.get(name) is not None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._pairs())
 
     def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self._items)
+        return (name for name, _ in self._pairs())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Headers) and self._items == other._items
+        return isinstance(other, Headers) and self._pairs() == other._pairs()
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({self._pairs()!r})"
 
 
 @dataclass(slots=True)

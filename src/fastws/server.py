@@ -259,6 +259,7 @@ class HttpProtocol(asyncio.Protocol):
         self._upgraded = True
         server.handshaking -= 1
         transport.write(accepted.response)
+        request.headers = request.headers.packed()  # kept for the session's life: keep it small
         session = Session(server, request, server.client_address(transport, request),
                           accepted.subprotocol, accepted.deflate)
         server.open_session(session, transport, kind, target, params, self._parser.rest)

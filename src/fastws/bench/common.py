@@ -1,0 +1,603 @@
+"""Shared pieces of `fastws bench`: histogram, worker processes, raw TCP client, system facts."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import re
+import resource
+import shlex
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastws.errors import HandshakeError
+
+__all__ = [
+    "BenchError", "Histogram", "parse_size", "format_size", "Target", "parse_target", "classify_error",
+    "rss_bytes", "cpu_seconds", "environment", "Workers", "Ctl", "RawEcho", "source_addresses",
+    "raise_nofile", "new_loop", "write_json", "SCHEMA_VERSION",
+]
+
+SCHEMA_VERSION = 1
+
+
+class BenchError(Exception):
+    """A benchmark could not run (bad arguments, unreachable server, a worker failed)."""
+
+
+# ---------------------------------------------------------------------------
+# Sizes
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """'64' -> 64, '1k'/'1KiB'/'1KB' -> 1024, '1M' -> 1048576 (binary multiples throughout)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (examples: 64, 1K, 64KiB, 1M)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult} {unit}"
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------
+# HDR-style histogram
+
+
+class Histogram:
+    """Log-bucketed histogram of non-negative integers (nanoseconds here), HdrHistogram style.
+
+    Values below 256 are exact; above, each power of two is split into 128
+    linear sub-buckets, so any recorded value is known to better than 0.8%
+    (about two significant digits) over the whole range, in a few KiB.
+    """
+
+    SUB_BITS = 8
+    SUB = 1 << SUB_BITS  # 256
+    HALF = SUB >> 1  # 128
+
+    __slots__ = ("counts", "total", "min", "max", "sum")
+
+    def __init__(self) -> None:
+        self.counts: list[int] = [0] * (self.SUB + 48 * self.HALF)
+        self.total = 0
+        self.min = 0
+        self.max = 0
+        self.sum = 0
+
+    @classmethod
+    def index(cls, value: int) -> int:
+        if value < cls.SUB:
+            return value
+        shift = value.bit_length() - cls.SUB_BITS
+        return cls.SUB + (shift - 1) * cls.HALF + ((value >> shift) - cls.HALF)
+
+    @classmethod
+    def bounds(cls, idx: int) -> tuple[int, int]:
+        """Lowest and highest value that land in bucket ``idx``."""
+        if idx < cls.SUB:
+            return idx, idx
+        k = idx - cls.SUB
+        shift = k // cls.HALF + 1
+        m = k % cls.HALF + cls.HALF
+        return m << shift, ((m + 1) << shift) - 1
+
+    def record(self, value: int) -> None:
+        if value < 0:
+            value = 0
+        idx = self.index(value)
+        counts = self.counts
+        if idx >= len(counts):
+            counts.extend([0] * (idx + 1 - len(counts)))
+        counts[idx] += 1
+        if self.total == 0 or value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        self.total += 1
+        self.sum += value
+
+    def merge(self, other: Histogram) -> None:
+        if other.total == 0:
+            return
+        if len(other.counts) > len(self.counts):
+            self.counts.extend([0] * (len(other.counts) - len(self.counts)))
+        for i, c in enumerate(other.counts):
+            if c:
+                self.counts[i] += c
+        self.min = other.min if self.total == 0 else min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.total += other.total
+        self.sum += other.sum
+
+    def percentile(self, q: float) -> int:
+        """The value at percentile ``q`` (0..100): the highest value equivalent to it, capped at max."""
+        if self.total == 0:
+            return 0
+        if q <= 0:
+            return self.min
+        rank = max(1, math.ceil(q / 100.0 * self.total))
+        seen = 0
+        for i, c in enumerate(self.counts):
+            if c:
+                seen += c
+                if seen >= rank:
+                    return max(self.min, min(self.bounds(i)[1], self.max))
+        return self.max
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.total if self.total else 0.0
+
+    def summary_us(self) -> dict[str, float]:
+        """min/mean/p50/p90/p99/p99.9/max in microseconds (values recorded in ns)."""
+        out = {"min": self.min / 1e3, "mean": self.mean / 1e3}
+        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99_9", 99.9)):
+            out[name] = self.percentile(q) / 1e3
+        out["max"] = self.max / 1e3
+        return {k: round(v, 3) for k, v in out.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": "ns", "count": self.total, "min": self.min, "max": self.max, "sum": self.sum,
+            "buckets": [[*self.bounds(i), c] for i, c in enumerate(self.counts) if c],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Histogram:
+        h = cls()
+        for low, _high, count in data.get("buckets", []):
+            idx = cls.index(low)
+            if idx >= len(h.counts):
+                h.counts.extend([0] * (idx + 1 - len(h.counts)))
+            h.counts[idx] += count
+        h.total = data.get("count", sum(c for _, _, c in data.get("buckets", [])))
+        h.min, h.max, h.sum = data.get("min", 0), data.get("max", 0), data.get("sum", 0)
+        return h
+
+
+# ---------------------------------------------------------------------------
+# Targets
+
+
+class Target:
+    """Where to connect: a ws:// URL, or host:port for --raw TCP."""
+
+    __slots__ = ("url", "host", "port", "raw", "loopback")
+
+    def __init__(self, url: str, host: str, port: int, raw: bool) -> None:
+        self.url, self.host, self.port, self.raw = url, host, port, raw
+        try:
+            self.loopback = ipaddress.ip_address(host).is_loopback and ":" not in host
+        except ValueError:
+            self.loopback = host == "localhost"
+
+
+def parse_target(url: str, raw: bool = False) -> Target:
+    """ws://host:port/path (wss:// only without --raw); with raw also tcp://host:port or host:port."""
+    if "://" not in url:
+        if not raw:
+            raise BenchError(f"not a URL: {url!r} (expected ws://host:port/path)")
+        url = "tcp://" + url
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if raw and scheme not in ("tcp", "ws"):
+        raise BenchError(f"--raw takes tcp://host:port or ws://host:port, not {url!r}")
+    if not raw and scheme not in ("ws", "wss"):
+        raise BenchError(f"expected a ws:// or wss:// URL, got {url!r} (use --raw for a plain TCP echo)")
+    if not parts.hostname:
+        raise BenchError(f"no host in {url!r}")
+    try:
+        port = parts.port or (443 if scheme == "wss" else 80)
+    except ValueError:
+        raise BenchError(f"invalid port in {url!r}") from None
+    return Target(url, parts.hostname, port, raw)
+
+
+def source_addresses(count: int) -> list[str]:
+    """``count`` distinct loopback source addresses: 127.0.0.2, 127.0.0.3, ... (skips .0/.255 bytes).
+
+    Each source address has its own ~28k ephemeral ports, so spreading
+    connections over several lifts the per-address port limit.
+    """
+    out: list[str] = []
+    n = 2
+    while len(out) < count:
+        b, c = divmod(n, 256)
+        if 1 <= c <= 254:
+            out.append(f"127.0.{b}.{c}")
+        n += 1
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+def classify_error(exc: BaseException) -> str:
+    """A short cause for a failed connection: ECONNREFUSED, EADDRNOTAVAIL, timeout, HTTP 503, ..."""
+    if isinstance(exc, HandshakeError):
+        return f"HTTP {exc.status}" if exc.status not in (0, 101) else "invalid handshake response"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, OSError):
+        if exc.errno:
+            return errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        m = re.search(r"\[Errno (\d+)\]", str(exc))  # "Multiple exceptions: [Errno 111] ..."
+        if m:
+            return errno.errorcode.get(int(m.group(1)), f"errno {m.group(1)}")
+        if isinstance(exc, ConnectionResetError):
+            return "closed during handshake"
+    return type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# System facts
+
+
+def _proc_tree(pids: Iterable[int]) -> list[int]:
+    """``pids`` and all their descendants (Linux /proc)."""
+    out: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def rss_bytes(pids: Sequence[int], children: bool = True) -> int:
+    """Total resident memory of the processes (and their children), from /proc/PID/status."""
+    total = 0
+    for pid in _proc_tree(pids) if children else pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def cpu_seconds(pids: Sequence[int], children: bool = True) -> float:
+    """User + system CPU time of the processes (and their children), from /proc/PID/stat."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for pid in _proc_tree(pids) if children else pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def environment(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
+    """Machine, OS, Python and package versions, date and the command line: what makes a figure comparable."""
+    argv = list(sys.argv)
+    prog = os.path.basename(argv[0]) if argv else ""
+    if prog in ("fastws", "__main__.py"):
+        command = "fastws " + shlex.join(argv[1:])
+    else:
+        command = shlex.join([sys.executable, *argv])
+    packages = {name: _version(name) for name in ("fastws", "uvloop", *extra_packages)}
+    try:
+        affinity = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        affinity = []
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "client_cpus": affinity,
+        "os": platform.system(),
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "packages": packages,
+        "command": command,
+    }
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-file limit to the hard one; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Worker processes
+#
+# Every mode's clients run in forked processes with their own uvloop; the
+# parent only coordinates (never runs an event loop, so forking is safe).
+# Messages are plain dicts over a pipe; live progress goes through a shared
+# array of doubles, one slot per worker.
+
+WorkerFn = Callable[[dict[str, Any], "Ctl"], Coroutine[Any, Any, dict[str, Any]]]
+
+
+class Ctl:
+    """A worker's side of the channel to the parent."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, counters: Any, index: int) -> None:
+        self._conn = conn
+        self._counters = counters
+        self.index = index
+
+    def send(self, type: str, **data: Any) -> None:  # noqa: A002 - message field
+        self._conn.send({"type": type, **data})
+
+    def progress(self, value: float) -> None:
+        self._counters[self.index] = value
+
+    def poll(self) -> dict[str, Any] | None:
+        return self._conn.recv() if self._conn.poll() else None
+
+    async def recv(self) -> dict[str, Any]:
+        """The next command from the parent."""
+        if self._conn.poll():
+            return self._conn.recv()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fd = self._conn.fileno()
+        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            loop.remove_reader(fd)
+        return self._conn.recv()
+
+
+def _worker_main(fn: WorkerFn, params: dict[str, Any], conn: multiprocessing.connection.Connection,
+                 counters: Any, index: int) -> None:
+    try:
+        raise_nofile()
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        ctl = Ctl(conn, counters, index)
+        try:
+            result = loop.run_until_complete(fn(params, ctl))
+        finally:
+            loop.close()
+        conn.send({"type": "result", "result": result})
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:  # report everything: the parent explains it
+        try:
+            conn.send({"type": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        except Exception:
+            pass
+    finally:
+        conn.close()
+
+
+class Workers:
+    """Forked worker processes running ``fn(params, ctl)`` each; the parent talks to them by message."""
+
+    def __init__(self, fn: WorkerFn, params: Sequence[dict[str, Any]]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.n = len(params)
+        self.counters = ctx.Array("d", self.n, lock=False)
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._procs: list[Any] = []
+        for i, p in enumerate(params):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(fn, p, child, self.counters, i), daemon=True,
+                               name=f"fastws-bench-{i}")
+            self._conns.append(parent)
+            self._procs.append((proc, child))
+        self._pending: list[list[dict[str, Any]]] = [[] for _ in params]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p, _ in self._procs]
+
+    def start(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for proc, child in self._procs:
+            proc.start()
+        for _, child in self._procs:
+            child.close()  # only the worker keeps its end: EOF tells us it died
+
+    def progress(self) -> float:
+        return float(sum(self.counters))
+
+    def send_all(self, type: str, **data: Any) -> None:  # noqa: A002
+        for conn in self._conns:
+            try:
+                conn.send({"type": type, **data})
+            except (BrokenPipeError, OSError):
+                pass
+
+    def send(self, index: int, type: str, **data: Any) -> None:  # noqa: A002
+        self._conns[index].send({"type": type, **data})
+
+    def gather(self, type: str, timeout: float | None = None, tick: Callable[[], None] | None = None,
+               which: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Wait for one message of ``type`` from each worker (in ``which``); call ``tick`` about 10x/s."""
+        which = list(range(self.n)) if which is None else list(which)
+        got: dict[int, dict[str, Any]] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(got) < len(which):
+            for i in which:
+                if i in got:
+                    continue
+                for j, msg in enumerate(self._pending[i]):
+                    if msg["type"] == type:
+                        got[i] = self._pending[i].pop(j)
+                        break
+            if len(got) == len(which):
+                break
+            wait = 0.1
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [i for i in which if i not in got]
+                    raise BenchError(f"worker(s) {missing} did not report {type!r} within {timeout:g} s")
+                wait = min(wait, left)
+            ready = multiprocessing.connection.wait([self._conns[i] for i in which if i not in got], wait)
+            for conn in ready:
+                i = self._conns.index(conn)  # type: ignore[arg-type]
+                try:
+                    msg = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    code = self._procs[i][0].exitcode
+                    raise BenchError(f"client worker {i} died (exit code {code})") from None
+                if msg["type"] == "error":
+                    raise BenchError(f"client worker {i} failed: {msg['error']}\n{msg.get('traceback', '')}")
+                self._pending[i].append(msg)
+            if tick is not None:
+                tick()
+        return [got[i] for i in which]
+
+    def close(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        for proc, _ in self._procs:
+            if proc.pid is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc, _ in self._procs:
+            if proc.pid is not None and proc.is_alive():
+                proc.terminate()
+                proc.join(1.0)
+        for conn in self._conns:
+            conn.close()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            for proc, _ in self._procs:
+                if proc.pid is not None and proc.is_alive():
+                    proc.terminate()
+        self.close(timeout=1.0 if exc[0] is not None else 10.0)
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal non-negative integers."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+# ---------------------------------------------------------------------------
+# Raw TCP client (the physical limit: same byte streams, no WebSocket framing)
+
+
+class RawEcho(asyncio.BufferedProtocol):
+    """Plain TCP stream: whatever comes back is written back (keeps the bytes in flight constant).
+
+    ``received`` counts bytes; a "message" of size S is every S bytes received.
+    With ``echo`` False it only counts (and ``on_data`` may react instead).
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray(262144)
+        self.view = memoryview(self.buf)
+        self.received = 0
+        self.echo = True
+        self.on_data: Callable[[int], None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
+        if self.echo:
+            assert self.transport is not None
+            self.transport.write(bytes(self.view[:nbytes]))  # a copy: the buffer is reused
+        elif self.on_data is not None:
+            self.on_data(nbytes)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)

@@ -1,0 +1,560 @@
+"""An asyncio WebSocket client on the fastws wire core (used by the tests and `fastws bench`).
+
+Two ways to use it:
+
+* high level, like ``websockets``::
+
+      async with fastws.client.connect("ws://127.0.0.1:8000/echo") as ws:
+          await ws.send("hello")
+          print(await ws.recv())
+          async for message in ws: ...
+
+* callback mode (no queue, no task, one call per message) for load tools::
+
+      ws = await connect(url, on_message=callback)
+
+  ``callback`` is called by the wire core with each whole message (str for
+  text, bytes for binary) straight from the read.  Frames sent from inside the
+  callback are coalesced into one write per read.  It may be any callable, even
+  a C one: ``on_message=ws.writer.send`` would echo every message back.
+
+The connection object is its transport's ``asyncio.BufferedProtocol``; the
+read buffer belongs to ``fastws._frame.FrameReader(is_server=False)``, and
+frames go out through ``FrameWriter(is_server=False)``, masked with a fresh key
+per frame (RFC 6455 5.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl as _ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastws._frame import FrameReader, FrameWriter
+from fastws.connection import READY
+from fastws.errors import CloseCode, ConnectionClosed, HandshakeError, ProtocolError
+from fastws.handshake import check_client_response, client_request, new_key
+
+__all__ = ["connect", "ClientConnection", "parse_url", "WSURL", "READY"]
+
+# States
+CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
+
+MAX_RESPONSE_HEAD = 65536
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
+_NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
+
+
+class WSURL:
+    """A parsed ``ws://`` / ``wss://`` URL."""
+
+    __slots__ = ("secure", "host", "port", "resource", "host_header")
+
+    def __init__(self, secure: bool, host: str, port: int, resource: str, host_header: str) -> None:
+        self.secure = secure
+        self.host = host
+        self.port = port
+        self.resource = resource
+        self.host_header = host_header
+
+    def __repr__(self) -> str:
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.resource}"
+
+
+def parse_url(url: str) -> WSURL:
+    """Split a ws:// or wss:// URL; raise ValueError for anything else."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"not a WebSocket URL (want ws:// or wss://): {url!r}")
+    if parts.username or parts.password:
+        raise ValueError("user info in WebSocket URLs is not supported")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    secure = scheme == "wss"
+    default_port = 443 if secure else 80
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ValueError(f"invalid port in {url!r}") from None
+    resource = parts.path or "/"
+    if parts.query:
+        resource += "?" + parts.query
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default_port else f"{shown}:{port}"
+    return WSURL(secure, host, port, resource, host_header)
+
+
+class ClientConnection(asyncio.BufferedProtocol):
+    """A client WebSocket connection: send / recv / ping / close.
+
+    Created by :func:`connect`.  ``send`` returns an awaitable that is free when
+    no waiting is needed (like the server's Session): ``await ws.send(x)`` waits
+    while the server is slow to read, ``ws.send(x)`` alone never blocks.
+    """
+
+    __slots__ = (
+        "get_buffer", "_loop", "_transport", "_state", "_request", "_key", "_subprotocols", "_compression",
+        "_max_message_size", "_on_message", "_head", "_hbuf", "_opened", "_reader", "_writer",
+        "subprotocol", "deflate", "_close_code", "_close_reason", "_close_sent", "_close_received",
+        "_closed_fut", "_close_timeout", "_close_timer", "_queue", "_max_queue", "_waiter", "_paused",
+        "_drain", "_pings", "_ping_seq", "pings_received", "_on_close", "_error", "response_head",
+        "local_address", "__weakref__",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, key: str, *,
+                 subprotocols: Sequence[str] = (), compression: bool = False,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 on_message: Callable[[Any], Any] | None = None,
+                 on_close: Callable[[int, str], Any] | None = None,
+                 close_timeout: float = 5.0, max_queue: int = 64) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._state = CONNECTING
+        self._request = request
+        self._key = key
+        self._subprotocols = tuple(subprotocols)
+        self._compression = compression
+        self._max_message_size = max_message_size
+        self._on_message = on_message
+        self._on_close = on_close
+        self._head = b""
+        self._hbuf: bytearray | None = bytearray(4096)
+        self.get_buffer = self._handshake_buffer
+        self._opened: asyncio.Future[None] = loop.create_future()
+        self._reader: FrameReader | None = None
+        self._writer: FrameWriter | None = None
+        self.subprotocol: str | None = None
+        self.deflate: Any = None
+        self.response_head = b""
+        self.local_address: Any = None
+        self._close_code = int(CloseCode.ABNORMAL)
+        self._close_reason = ""
+        self._close_sent = False
+        self._close_received = False
+        self._closed_fut: asyncio.Future[None] = loop.create_future()
+        self._close_timeout = close_timeout
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._queue: collections.deque[Any] = collections.deque()
+        self._max_queue = max_queue
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
+        self._ping_seq = 0
+        self.pings_received = 0
+        self._error: BaseException | None = None
+
+    # -- opening handshake --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self.local_address = transport.get_extra_info("sockname")
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def _handshake_buffer(self, sizehint: int = -1) -> memoryview:
+        assert self._hbuf is not None
+        return memoryview(self._hbuf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reader = self._reader
+        if reader is not None:
+            try:
+                reader.buffer_updated(nbytes)
+            except ProtocolError as exc:
+                self._fail(exc.code, exc.reason)
+            return
+        if self._state != CONNECTING or self._hbuf is None:
+            return
+        self._handshake_data(bytes(self._hbuf[:nbytes]))
+
+    def _handshake_data(self, data: bytes) -> None:
+        head = self._head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_RESPONSE_HEAD:
+                self._open_failed(HandshakeError(0, f"response head larger than {MAX_RESPONSE_HEAD} bytes"))
+            else:
+                self._head = head
+            return
+        self._head = b""
+        self.response_head, rest = head[:end + 4], head[end + 4:]
+        try:
+            self.subprotocol, pmd = check_client_response(
+                self.response_head, self._key, subprotocols=self._subprotocols, deflate=self._compression,
+                max_message_size=self._max_message_size)
+        except HandshakeError as exc:
+            self._open_failed(exc)
+            return
+        transport = self._transport
+        assert transport is not None
+        self.deflate = pmd
+        self._hbuf = None
+        self._writer = writer = FrameWriter(
+            transport.write, is_server=False, writelines=transport.writelines,
+            deflate=pmd.compress if pmd else None, compress_threshold=pmd.compress_threshold if pmd else 0)
+        self._reader = reader = FrameReader(
+            self, is_server=False, max_message_size=self._max_message_size, writer=writer,
+            inflate=pmd.decompress if pmd else None)
+        reader.on_message = self._on_message if self._on_message is not None else self._enqueue
+        transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+        self.get_buffer = reader.get_buffer
+        self._state = OPEN
+        transport.set_protocol(self)  # uvloop caches get_buffer: hand it the reader's
+        if not self._opened.done():
+            self._opened.set_result(None)
+        if rest:
+            try:
+                reader.feed(rest)
+            except ProtocolError as exc:
+                self._fail(exc.code, exc.reason)
+
+    def _open_failed(self, exc: BaseException) -> None:
+        self._state = CLOSED
+        if not self._opened.done():
+            self._opened.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- asyncio protocol ---------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_connecting = self._state == CONNECTING
+        self._state = CLOSED
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if was_connecting and not self._opened.done():
+            self._opened.set_exception(
+                exc if exc is not None else ConnectionResetError("connection closed during the opening handshake"))
+        if not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionClosed(self._close_code, self._close_reason))
+            drain.exception()
+        for fut, _ in self._pings.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(self._close_code, self._close_reason))
+                fut.exception()
+        self._pings.clear()
+        self._wake()
+        if self._on_close is not None and not was_connecting:
+            self._on_close(self._close_code, self._close_reason)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- wire-core callbacks ------------------------------------------------------
+
+    def on_message(self, data: Any) -> None:  # replaced on the reader after the handshake
+        pass
+
+    def on_ping(self, payload: bytes) -> None:
+        self.pings_received += 1
+        if not self._close_sent:
+            assert self._writer is not None
+            self._writer.send_pong(payload)
+
+    def on_pong(self, payload: bytes) -> None:
+        pings = self._pings
+        if payload not in pings:
+            return  # unsolicited pong: allowed (RFC 6455 5.5.3)
+        now = time.perf_counter()
+        # A pong answers its ping and every ping sent before it.
+        for key in list(pings):
+            fut, sent = pings.pop(key)
+            if not fut.done():
+                fut.set_result(now - sent)
+            if key == payload:
+                break
+
+    def on_close(self, code: int, reason: str) -> None:
+        self._close_received = True
+        self._close_code, self._close_reason = code, reason
+        if not self._close_sent:
+            self._close_sent = True
+            assert self._writer is not None
+            # Echo the code (RFC 6455 5.5.1); 1005 means "no payload": echo none.
+            self._writer.send_frame(0x8, b"" if code == CloseCode.NO_STATUS else code.to_bytes(2, "big"))
+        self._state = CLOSING
+        # The server closes TCP first (RFC 6455 7.1.1); give it close_timeout.
+        self._arm_close_timer()
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def writer(self) -> FrameWriter:
+        """The frame writer (low level: ``writer.send(x)`` skips the state check)."""
+        assert self._writer is not None
+        return self._writer
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    @property
+    def messages_received(self) -> int:
+        """Data messages delivered so far (counted by the wire core)."""
+        return self._reader.messages if self._reader is not None else 0
+
+    def set_on_message(self, callback: Callable[[Any], Any] | None) -> None:
+        """Route messages to ``callback`` (None: back to the recv() queue)."""
+        self._on_message = callback
+        if self._reader is not None:
+            self._reader.on_message = callback if callback is not None else self._enqueue
+
+    def send(self, message: str | bytes | bytearray | memoryview) -> Any:
+        """Send one message (str: text, bytes-like: binary); await the result to respect backpressure."""
+        if self._state != OPEN:
+            raise ConnectionClosed(self._close_code, self._close_reason)
+        assert self._writer is not None
+        self._writer.send(message)
+        if self._paused:
+            return self._drain_future()
+        return READY
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its low-water mark."""
+        if self._paused:
+            await self._drain_future()
+
+    def _drain_future(self) -> asyncio.Future[None]:
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+        return self._drain
+
+    def ping(self, payload: bytes | None = None) -> asyncio.Future[float]:
+        """Send a ping; the returned future resolves to the round-trip time (s) when the pong arrives."""
+        if self._state != OPEN:
+            raise ConnectionClosed(self._close_code, self._close_reason)
+        if payload is None:
+            self._ping_seq += 1
+            payload = self._ping_seq.to_bytes(4, "big")
+            while payload in self._pings:
+                self._ping_seq += 1
+                payload = self._ping_seq.to_bytes(4, "big")
+        elif payload in self._pings:
+            raise ValueError("a ping with this payload is already waiting for its pong")
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._pings[payload] = (fut, time.perf_counter())
+        assert self._writer is not None
+        self._writer.send_ping(payload)
+        return fut
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Closing handshake: send a close frame, wait for the server's and for TCP to end
+        (at most ``close_timeout`` seconds, then drop the connection)."""
+        self.start_close(code, reason)
+        if self._state != CLOSED:
+            await asyncio.shield(self._closed_fut)
+
+    def start_close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame without waiting (the connection ends by itself)."""
+        if self._state == CONNECTING:
+            self.abort()
+            return
+        if self._state == CLOSED:
+            return
+        if not self._close_sent:
+            self._close_sent = True
+            self._state = CLOSING
+            assert self._writer is not None
+            self._writer.send_close(code, reason)
+        self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None and self._state != CLOSED:
+            self._close_timer = self._loop.call_later(self._close_timeout, self.abort)
+
+    def abort(self) -> None:
+        """Drop the TCP connection now."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_fut)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The server broke the protocol: send a close frame and drop TCP (RFC 6455 7.1.7)."""
+        self._error = ProtocolError(code, reason)
+        if not self._close_sent:
+            self._close_sent = True
+            self._close_code, self._close_reason = code, reason
+            assert self._writer is not None
+            try:
+                self._writer.send_close(code, reason[:120])
+            except ValueError:
+                self._writer.send_close(code, "")
+        self._state = CLOSING
+        if self._transport is not None:
+            self._transport.close()
+        self._arm_close_timer()
+
+    @property
+    def closed(self) -> bool:
+        return self._state != OPEN
+
+    @property
+    def state(self) -> int:
+        return self._state
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the server's close frame (1005 without one, 1006 if TCP dropped); None while open."""
+        return None if self._state in (OPEN, CONNECTING) else int(self._close_code)
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    # -- receiving ------------------------------------------------------------------
+
+    def _enqueue(self, message: Any) -> None:
+        queue = self._queue
+        queue.append(message)
+        if len(queue) >= self._max_queue and self._transport is not None:
+            self._transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def recv(self) -> str | bytes:
+        """The next message; raises ConnectionClosed once the connection is over."""
+        while True:
+            queue = self._queue
+            if queue:
+                message = queue.popleft()
+                if len(queue) < self._max_queue // 2 and self._transport is not None \
+                        and self._state == OPEN and not self._transport.is_reading():
+                    self._transport.resume_reading()
+                return message
+            if self._state == CLOSED or self._state == CLOSING and self._close_received:
+                if self._state != CLOSED:
+                    await asyncio.shield(self._closed_fut)
+                raise ConnectionClosed(self._close_code, self._close_reason)
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str | bytes]:
+        try:
+            while True:
+                yield await self.recv()
+        except ConnectionClosed as exc:
+            if exc.code not in _NORMAL_ENDS:
+                raise
+
+    async def __aenter__(self) -> ClientConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = {CONNECTING: "connecting", OPEN: "open", CLOSING: "closing", CLOSED: "closed"}[self._state]
+        return f"<ClientConnection {state} local={self.local_address}>"
+
+
+async def _open(url: str, *, subprotocols: Sequence[str], compression: bool, max_message_size: int,
+                local_addr: tuple[str, int] | None, open_timeout: float | None, close_timeout: float,
+                on_message: Callable[[Any], Any] | None, on_close: Callable[[int, str], Any] | None,
+                extra_headers: Sequence[tuple[str, str]], ssl: _ssl.SSLContext | bool | None,
+                max_queue: int, sock: Any, create_connection: Callable[..., Any] | None) -> ClientConnection:
+    u = parse_url(url)
+    if u.secure and ssl is None:
+        ssl = True
+    if ssl is True:
+        ssl = _ssl.create_default_context()
+    elif ssl is False:
+        ssl = None
+    if ssl is not None and not u.secure:
+        raise ValueError("ssl= was given for a ws:// URL: use wss://")
+    loop = asyncio.get_running_loop()
+    key = new_key()
+    request = client_request(u.host_header, u.resource, key=key, subprotocols=subprotocols,
+                             deflate=compression, extra_headers=extra_headers)
+    conn = ClientConnection(loop, request, key, subprotocols=subprotocols, compression=compression,
+                            max_message_size=max_message_size, on_message=on_message, on_close=on_close,
+                            close_timeout=close_timeout, max_queue=max_queue)
+    create = create_connection or loop.create_connection
+
+    async def go() -> None:
+        if sock is not None:
+            await create(lambda: conn, sock=sock, ssl=ssl, server_hostname=u.host if ssl else None)
+        else:
+            await create(lambda: conn, u.host, u.port, local_addr=local_addr, ssl=ssl,
+                         server_hostname=u.host if ssl else None)
+        await conn._opened
+
+    try:
+        if open_timeout is None:
+            await go()
+        elif sys.version_info >= (3, 11):
+            async with asyncio.timeout(open_timeout):
+                await go()
+        else:  # pragma: no cover - Python 3.10
+            await asyncio.wait_for(go(), open_timeout)
+    except BaseException:
+        conn.abort()
+        if conn._opened.done() and not conn._opened.cancelled():
+            conn._opened.exception()  # retrieved: the caller gets the error raised here
+        raise
+    return conn
+
+
+class connect:  # noqa: N801 - used like a function, as in websockets
+    """Open a client connection: ``async with connect(url) as ws`` or ``ws = await connect(url)``.
+
+    ``on_message``: callback mode (see the module doc); ``recv()`` is then unused.
+    ``local_addr``: the source (host, port) to bind, e.g. ``("127.0.0.5", 0)``.
+    ``open_timeout`` covers TCP connect and the upgrade; on expiry TimeoutError.
+    A refused upgrade raises HandshakeError with the server's HTTP status.
+    ``wss://`` uses ``ssl`` (True/None: a default verifying context).
+    """
+
+    def __init__(self, url: str, *, subprotocols: Sequence[str] = (), compression: bool = False,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, local_addr: tuple[str, int] | None = None,
+                 open_timeout: float | None = 10.0, close_timeout: float = 5.0,
+                 on_message: Callable[[Any], Any] | None = None,
+                 on_close: Callable[[int, str], Any] | None = None,
+                 extra_headers: Sequence[tuple[str, str]] = (), ssl: _ssl.SSLContext | bool | None = None,
+                 max_queue: int = 64, sock: Any = None, create_connection: Callable[..., Any] | None = None) -> None:
+        self._args = dict(subprotocols=subprotocols, compression=compression, max_message_size=max_message_size,
+                          local_addr=local_addr, open_timeout=open_timeout, close_timeout=close_timeout,
+                          on_message=on_message, on_close=on_close, extra_headers=extra_headers, ssl=ssl,
+                          max_queue=max_queue, sock=sock, create_connection=create_connection)
+        self._url = url
+        self._conn: ClientConnection | None = None
+
+    def __await__(self) -> Generator[Any, None, ClientConnection]:
+        return _open(self._url, **self._args).__await__()  # type: ignore[arg-type]
+
+    async def __aenter__(self) -> ClientConnection:
+        self._conn = await _open(self._url, **self._args)  # type: ignore[arg-type]
+        return self._conn
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
