@@ -199,7 +199,9 @@ def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
         pos += n
         if key is not None:
             payload = mask(payload, key)
-        frames.append(Frame(bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0xF, key is not None, key, payload, pos - start))
+        frames.append(
+            Frame(bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0xF, key is not None, key, payload, pos - start)
+        )
     return frames, data[pos:]
 
 
@@ -214,7 +216,8 @@ def header_len(length: int, masked: bool) -> int:
 class Outcome:
     """What a FrameReader must do with a whole byte stream.
 
-    calls: handler calls in order, ("message", str|bytes) / ("ping", b) / ("pong", b) / ("close", code, reason).
+    calls: handler calls in order: ("message", str|bytes), ("ping", b), ("pong", b),
+    ("close", code, reason).
     errors: None if no ProtocolError is due, else the set of acceptable close codes (a header that
     breaks two rules may be reported under either).
     """

@@ -13,12 +13,11 @@ import random
 import struct
 import zlib
 
-import oracles as O
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracles import MODES, Recorder, drive, push, split_plans
 
+import oracles as O
 from fastws import _frame
 from fastws._frame import (
     FrameReader,
@@ -29,6 +28,7 @@ from fastws._frame import (
     parse_close_payload,
 )
 from fastws.errors import PayloadTooBig, ProtocolError
+from oracles import MODES, Recorder, drive, push, split_plans
 
 KEY = bytes.fromhex("37fa213d")  # the RFC 6455 5.7 masking key
 KEYS = [KEY, b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\x02\x03\x04", b"\x80\x7f\xa5\x5a"]
@@ -119,7 +119,12 @@ VALID = [
     ("len-65535", True, mframe(2, BIN64K[:65535]), [("message", BIN64K[:65535])]),
     ("len-65536-text", True, mframe(1, "é" * 32768), [("message", "é" * 32768)]),
     # masked payloads long enough for the SIMD paths, split everywhere (unmask phase across reads)
-    ("masked-300", True, mframe(2, BIN256 + BIN256[:44], mask_key=KEYS[4]), [("message", BIN256 + BIN256[:44])]),
+    (
+        "masked-300",
+        True,
+        mframe(2, BIN256 + BIN256[:44], mask_key=KEYS[4]),
+        [("message", BIN256 + BIN256[:44])],
+    ),
     ("masked-1000-text", True, mframe(1, "ab€" * 200), [("message", "ab€" * 200)]),
     # empties
     ("empty-text", True, mframe(1, b""), [("message", "")]),
@@ -128,14 +133,22 @@ VALID = [
     (
         "empty-fragments",
         True,
-        mframe(2, b"", fin=False) + mframe(0, b"", fin=False) + mframe(0, b"x") + mframe(1, b"", fin=False) + mframe(0),
+        mframe(2, b"", fin=False)
+        + mframe(0, b"", fin=False)
+        + mframe(0, b"x")
+        + mframe(1, b"", fin=False)
+        + mframe(0),
         [("message", b"x"), ("message", "")],
     ),
     # control frames between fragments: delivered at once, message still reassembles
     (
         "interleaved-control",
         True,
-        mframe(1, "Hel", fin=False) + mframe(9, b"p") + mframe(0, "l", fin=False) + mframe(10, b"q") + mframe(0, "lo"),
+        mframe(1, "Hel", fin=False)
+        + mframe(9, b"p")
+        + mframe(0, "l", fin=False)
+        + mframe(10, b"q")
+        + mframe(0, "lo"),
         [("ping", b"p"), ("pong", b"q"), ("message", "Helllo")],
     ),
     (
@@ -145,12 +158,27 @@ VALID = [
         [("ping", b"x" * 125), ("message", b"\x00" * 200 + b"\x01" * 300)],
     ),
     # multi-byte characters cut at fragment boundaries
-    ("euro-3-fragments", True, mframe(1, b"a\xe2", fin=False) + mframe(0, b"\x82", fin=False) + mframe(0, b"\xacb"),
-     [("message", "a€b")]),
-    ("emoji-4-fragments", True,
-     mframe(1, b"\xf0", fin=False) + mframe(0, b"\x9f", fin=False) + mframe(0, b"\x98", fin=False) + mframe(0, b"\x80"),
-     [("message", "😀")]),
-    ("max-codepoint", True, mframe(1, "\U0010ffff\ud7ff\ue000\x00\x7f"), [("message", "\U0010ffff\ud7ff\ue000\x00\x7f")]),
+    (
+        "euro-3-fragments",
+        True,
+        mframe(1, b"a\xe2", fin=False) + mframe(0, b"\x82", fin=False) + mframe(0, b"\xacb"),
+        [("message", "a€b")],
+    ),
+    (
+        "emoji-4-fragments",
+        True,
+        mframe(1, b"\xf0", fin=False)
+        + mframe(0, b"\x9f", fin=False)
+        + mframe(0, b"\x98", fin=False)
+        + mframe(0, b"\x80"),
+        [("message", "😀")],
+    ),
+    (
+        "max-codepoint",
+        True,
+        mframe(1, "\U0010ffff\ud7ff\ue000\x00\x7f"),
+        [("message", "\U0010ffff\ud7ff\ue000\x00\x7f")],
+    ),
     # several messages in one read
     (
         "many-messages",
@@ -161,7 +189,12 @@ VALID = [
     # close frames
     ("close-empty", True, mframe(8), [("close", 1005, "")]),
     ("close-1000", True, mframe(8, b"\x03\xe8"), [("close", 1000, "")]),
-    ("close-reason", False, uframe(8, struct.pack("!H", 4999) + "bye ü€😀".encode()), [("close", 4999, "bye ü€😀")]),
+    (
+        "close-reason",
+        False,
+        uframe(8, struct.pack("!H", 4999) + "bye ü€😀".encode()),
+        [("close", 4999, "bye ü€😀")],
+    ),
     ("close-3000", True, mframe(8, struct.pack("!H", 3000) + b"x" * 123), [("close", 3000, "x" * 123)]),
     (
         "close-then-ignored",
@@ -251,11 +284,20 @@ INVALID = [
     bad("continuation-after-complete", mframe(1, "a") + mframe(0, "b"), 1002, extra=[("message", "a")]),
     bad("text-inside-fragmented", mframe(1, "a", fin=False) + mframe(1, "b"), 1002),
     bad("binary-inside-fragmented", mframe(1, "a", fin=False) + mframe(2, b"b"), 1002),
-    bad("text-inside-fragmented-binary", mframe(2, b"a", fin=False) + mframe(9) + mframe(1, "b", fin=False), 1002,
-        extra=[("ping", b"")]),
+    bad(
+        "text-inside-fragmented-binary",
+        mframe(2, b"a", fin=False) + mframe(9) + mframe(1, "b", fin=False),
+        1002,
+        extra=[("ping", b"")],
+    ),
     bad("len64-top-bit", bytes([0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 5]) + KEY + b"x" * 5, 1002),
     bad("len64-all-ones", bytes([0x82, 0xFF]) + b"\xff" * 8 + KEY, 1002),
-    bad("len64-top-bit-unlimited", bytes([0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0]) + KEY, 1002, max_message_size=0),
+    bad(
+        "len64-top-bit-unlimited",
+        bytes([0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0]) + KEY,
+        1002,
+        max_message_size=0,
+    ),
     bad("unmasked-to-server", uframe(1, "x"), 1002),
     bad("unmasked-ping-to-server", uframe(9, b"x"), 1002),
     bad("unmasked-close-to-server", uframe(8, b"\x03\xe8"), 1002),
@@ -273,17 +315,28 @@ INVALID = [
     bad("text-ends-truncated-4", mframe(1, b"\xf0\x9f\x98"), 1007),
     bad("fragmented-text-ends-truncated", mframe(1, b"a\xe2", fin=False) + mframe(0, b"\x82"), 1007),
     bad("fragmented-text-bad-2nd", mframe(1, "κόσμε", fin=False) + mframe(0, b"ok\xf4\x90\x80\x80ok"), 1007),
-    bad("fragmented-text-bad-across", mframe(1, "κόσμε".encode() + b"\xf4", fin=False) + mframe(0, b"\x90\x80\x80"),
-        1007),
+    bad(
+        "fragmented-text-bad-across",
+        mframe(1, "κόσμε".encode() + b"\xf4", fin=False) + mframe(0, b"\x90\x80\x80"),
+        1007,
+    ),
     bad("fragmented-text-bad-then-ping", mframe(1, b"a\xff", fin=False) + mframe(9, b"not delivered"), 1007),
     bad("text-bad-client", uframe(1, b"\xc0\xaf"), 1007, is_server=False),
     # size limits: from the header alone, and accumulated over fragments
     bad("too-big-frame", mframe(2, b"x" * 1001), 1009, max_message_size=1000),
     bad("too-big-text", mframe(1, "x" * 1001), 1009, max_message_size=1000),
-    bad("too-big-fragments", mframe(2, b"x" * 600, fin=False) + mframe(0, b"y" * 401), 1009, max_message_size=1000),
-    bad("too-big-many-fragments",
+    bad(
+        "too-big-fragments",
+        mframe(2, b"x" * 600, fin=False) + mframe(0, b"y" * 401),
+        1009,
+        max_message_size=1000,
+    ),
+    bad(
+        "too-big-many-fragments",
         b"".join(mframe(2 if i == 0 else 0, b"z" * 100, fin=False) for i in range(10)) + mframe(0, b"!"),
-        1009, max_message_size=1000),
+        1009,
+        max_message_size=1000,
+    ),
     bad("too-big-default", mframe(2, b"\x00" * ((1 << 20) + 1)), 1009),
 ]
 
@@ -311,8 +364,9 @@ def test_error_is_protocol_error_with_reason():
     assert isinstance(ei.value.reason, str) and ei.value.reason
 
 
-@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000,
-                                  3999, 4000, 4999])
+@pytest.mark.parametrize(
+    "code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
+)
 def test_valid_close_codes_accepted(code):
     for is_server, f in ((True, mframe), (False, uframe)):
         got, err, reader = run([f(8, struct.pack("!H", code) + b"r")], "feed", is_server=is_server)
@@ -426,7 +480,14 @@ def test_max_message_size_attribute():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "length,limit",
-    [(1001, 1000), (126, 125), (65536, 65535), ((1 << 20) + 1, 1 << 20), (1 << 40, 1 << 20), ((1 << 63) - 1, 1 << 30)],
+    [
+        (1001, 1000),
+        (126, 125),
+        (65536, 65535),
+        ((1 << 20) + 1, 1 << 20),
+        (1 << 40, 1 << 20),
+        ((1 << 63) - 1, 1 << 30),
+    ],
 )
 def test_too_big_from_the_header_alone(length, limit, mode):
     rec = Recorder()
@@ -461,8 +522,12 @@ def test_exactly_max_message_size_is_accepted(mode):
 @pytest.mark.parametrize("mode", ["feed", "uvloop", "asyncio"])
 def test_unlimited_message_size(mode):
     big = random.Random(3).randbytes(3 << 19)  # 1.5 MiB
-    stream = mframe(2, big[: 1 << 20], fin=False, mask_key=KEYS[4]) + mframe(0, big[1 << 20 :], mask_key=KEYS[3])
-    got, err, _ = run([stream[i : i + 100_003] for i in range(0, len(stream), 100_003)], mode, max_message_size=0)
+    stream = mframe(2, big[: 1 << 20], fin=False, mask_key=KEYS[4]) + mframe(
+        0, big[1 << 20 :], mask_key=KEYS[3]
+    )
+    got, err, _ = run(
+        [stream[i : i + 100_003] for i in range(0, len(stream), 100_003)], mode, max_message_size=0
+    )
     assert err is None and got == [("message", big)]
     # a header announcing 1 TiB is no error when unlimited (the payload just has not arrived)
     reader = FrameReader(Recorder(), is_server=True, max_message_size=0)
@@ -556,7 +621,9 @@ def test_message_data_does_not_alias_the_read_buffer():
     reader = FrameReader(rec, is_server=True)
     for i in range(50):
         push(reader, mframe(2, bytes([i]) * 64) + mframe(9, bytes([i]) * 8), "asyncio")
-    assert rec.calls == [c for i in range(50) for c in (("message", bytes([i]) * 64), ("ping", bytes([i]) * 8))]
+    assert rec.calls == [
+        c for i in range(50) for c in (("message", bytes([i]) * 64), ("ping", bytes([i]) * 8))
+    ]
 
 
 def test_reader_in_another_thread():
@@ -621,7 +688,7 @@ def test_synchronous_loopback_does_not_corrupt_a_partial_frame():
     assert client_rec.calls == [("message", "first" * 20), ("message", "second message" * 20)]
 
 
-# --------------------------------------------------------------------------- differential fuzz vs the reference reader
+# ------------------------------------------------------------- differential fuzz vs the reference reader
 
 
 @st.composite
@@ -642,11 +709,13 @@ def frame_streams(draw):
             raw = draw(st.binary(max_size=400))
         cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=3)))
         bounds = [0, *cuts, len(raw)]
-        frags = [raw[x:y] for x, y in zip(bounds, bounds[1:])]
+        frags = [raw[x:y] for x, y in zip(bounds, bounds[1:], strict=False)]
         for j, frag in enumerate(frags):
             if j and draw(st.integers(0, 3)) == 0:
                 specs.append([9, draw(st.binary(max_size=20)), True, 0, is_server])
-            specs.append([(1 if kind == "text" else 2) if j == 0 else 0, frag, j == len(frags) - 1, 0, is_server])
+            specs.append(
+                [(1 if kind == "text" else 2) if j == 0 else 0, frag, j == len(frags) - 1, 0, is_server]
+            )
     if draw(st.booleans()):
         specs.append([8, draw(st.sampled_from([b"", b"\x03\xe8", b"\x0f\xa0bye"])), True, 0, is_server])
     if draw(st.integers(0, 2)) == 0:  # one mutation
@@ -667,15 +736,27 @@ def frame_streams(draw):
                 f[0] = 1
         elif what == "close":
             f[0], f[2] = 8, True
-            f[1] = draw(st.sampled_from([b"\x03", struct.pack("!H", 1005), struct.pack("!H", 2999),
-                                         struct.pack("!H", 5000), b"\x03\xe8\xff", b"\x03\xe8\xe2\x82",
-                                         struct.pack("!H", 1014) + b"ok"]))
+            f[1] = draw(
+                st.sampled_from(
+                    [
+                        b"\x03",
+                        struct.pack("!H", 1005),
+                        struct.pack("!H", 2999),
+                        struct.pack("!H", 5000),
+                        b"\x03\xe8\xff",
+                        b"\x03\xe8\xe2\x82",
+                        struct.pack("!H", 1014) + b"ok",
+                    ]
+                )
+            )
         elif what == "big":
             f[1] = f[1] + b"x" * draw(st.integers(100, 400))
         else:
             f[1] = f[1] + b"y" * (126 - len(f[1])) if len(f[1]) < 126 else f[1]
-    out = [O.frame(op, pl, fin=fin, rsv=rsv, mask_key=draw(st.binary(min_size=4, max_size=4)) if m else None)
-           for op, pl, fin, rsv, m in specs]
+    out = [
+        O.frame(op, pl, fin=fin, rsv=rsv, mask_key=draw(st.binary(min_size=4, max_size=4)) if m else None)
+        for op, pl, fin, rsv, m in specs
+    ]
     stream = b"".join(out)
     cuts = draw(st.lists(st.integers(0, len(stream)), max_size=6))
     mode = draw(st.sampled_from(MODES))
@@ -696,7 +777,7 @@ def test_differential_against_reference_reader(case):
     assert reader.closed == expected.closed
 
 
-# --------------------------------------------------------------------------- permessage-deflate hook (inflate)
+# ----------------------------------------------------------------- permessage-deflate hook (inflate)
 
 
 class Inflater:
@@ -727,8 +808,13 @@ def test_inflate_whole_message(mode):
     )
     got, err, _ = run([stream], mode, inflate=inf)
     assert err is None
-    assert got == [("message", b"abc"), ("message", "héllo wörld"), ("ping", b"p"),
-                   ("message", "héllo wörld"), ("message", b"plain")]
+    assert got == [
+        ("message", b"abc"),
+        ("message", "héllo wörld"),
+        ("ping", b"p"),
+        ("message", "héllo wörld"),
+        ("message", b"plain"),
+    ]
     assert inf.calls == [b"cba", text[::-1], text[::-1]]
 
 
@@ -946,12 +1032,22 @@ def test_writer_server_role():
     w.send_close()
     assert all(type(x) is bytes for x in writes)
     assert writes == [
-        O.frame(1, "héllo"), O.frame(2, b"\x00\x01"), O.frame(2, b"ba"), O.frame(2, b"mv"),
-        O.frame(2, b"x" * 126), O.frame(2, b"y" * 65536),
-        O.frame(9, b"pi"), O.frame(10, b"po"), O.frame(9), O.frame(10),
-        O.frame(1, "fr", fin=False), O.frame(0, b"ag"), O.frame(2, b"r", rsv=O.RSV1),
+        O.frame(1, "héllo"),
+        O.frame(2, b"\x00\x01"),
+        O.frame(2, b"ba"),
+        O.frame(2, b"mv"),
+        O.frame(2, b"x" * 126),
+        O.frame(2, b"y" * 65536),
+        O.frame(9, b"pi"),
+        O.frame(10, b"po"),
+        O.frame(9),
+        O.frame(10),
+        O.frame(1, "fr", fin=False),
+        O.frame(0, b"ag"),
+        O.frame(2, b"r", rsv=O.RSV1),
         b"\x82\x03raw",
-        O.frame(8, struct.pack("!H", 4000) + "bye ü".encode()), O.frame(8, b"\x03\xe8"),
+        O.frame(8, struct.pack("!H", 4000) + "bye ü".encode()),
+        O.frame(8, b"\x03\xe8"),
     ]
 
 
@@ -968,14 +1064,25 @@ def test_writer_client_role_masks_every_frame():
     frames = frames_of(writes)
     assert all(f.masked for f in frames)
     assert [(f.fin, f.opcode, f.payload) for f in frames] == [
-        (True, 1, "héllo".encode()), (True, 2, b"\x00" * 300), (True, 9, b"pi"), (True, 10, b"po"),
-        (False, 2, b"ab"), (True, 0, b"cd"), (True, 8, b"\x03\xe9away"),
+        (True, 1, "héllo".encode()),
+        (True, 2, b"\x00" * 300),
+        (True, 9, b"pi"),
+        (True, 10, b"po"),
+        (False, 2, b"ab"),
+        (True, 0, b"cd"),
+        (True, 8, b"\x03\xe9away"),
     ]
     assert len({f.mask_key for f in frames}) > 1, "client frames need a fresh masking key each"
     got, err, _ = run(writes, "feed", is_server=True)
     assert err is None
-    assert got == [("message", "héllo"), ("message", b"\x00" * 300), ("ping", b"pi"), ("pong", b"po"),
-                   ("message", b"abcd"), ("close", 1001, "away")]
+    assert got == [
+        ("message", "héllo"),
+        ("message", b"\x00" * 300),
+        ("ping", b"pi"),
+        ("pong", b"po"),
+        ("message", b"abcd"),
+        ("close", 1001, "away"),
+    ]
 
 
 @pytest.mark.parametrize("is_server", [True, False])
@@ -996,12 +1103,16 @@ def test_writer_cork_coalesces_into_one_write(is_server):
     first = writes[0]
     frames = frames_of(writes)
     assert [(f.opcode, f.payload, f.masked) for f in frames] == [
-        (1, b"a", not is_server), (2, b"b" * 200, not is_server), (9, b"p", not is_server),
-        (1, b"r", False), (8, b"\x03\xe8x", not is_server),
+        (1, b"a", not is_server),
+        (2, b"b" * 200, not is_server),
+        (9, b"p", not is_server),
+        (1, b"r", False),
+        (8, b"\x03\xe8x", not is_server),
     ]
     if is_server:
         assert first == O.frame(1, "a") + O.frame(2, b"b" * 200) + O.frame(9, b"p") + b"\x81\x01r" + O.frame(
-            8, b"\x03\xe8x")
+            8, b"\x03\xe8x"
+        )
     w.uncork()  # nothing queued: no (empty) write
     assert len(writes) == 1
     w.send("after")
@@ -1047,8 +1158,11 @@ def test_writer_without_deflate_never_sets_rsv1():
 def test_writer_writelines_for_big_unmasked_payloads():
     log: list = []
     big = bytes(range(256)) * 300  # 76,800 bytes
-    w = FrameWriter(lambda b: log.append(("write", b)), is_server=True,
-                    writelines=lambda seq: log.append(("writelines", tuple(seq))))
+    w = FrameWriter(
+        lambda b: log.append(("write", b)),
+        is_server=True,
+        writelines=lambda seq: log.append(("writelines", tuple(seq))),
+    )
     w.cork()
     w.send("a")
     w.send(big)
@@ -1068,8 +1182,11 @@ def test_writer_writelines_for_big_unmasked_payloads():
     assert frames_of([stream])[0].payload == big
     # clients mask, so they always copy
     log.clear()
-    c = FrameWriter(lambda b: log.append(("write", b)), is_server=False,
-                    writelines=lambda seq: log.append(("writelines", tuple(seq))))
+    c = FrameWriter(
+        lambda b: log.append(("write", b)),
+        is_server=False,
+        writelines=lambda seq: log.append(("writelines", tuple(seq))),
+    )
     c.send(big)
     assert [x[0] for x in log] == ["write"]
     assert frames_of([log[0][1]])[0].payload == big
@@ -1086,24 +1203,36 @@ def test_writer_fragment_size(is_server):
     w.send_ping(b"0123456789")  # control frames are never fragmented
     frames = frames_of(writes)
     assert [(f.fin, f.opcode, f.payload) for f in frames] == [
-        (False, 2, b"0123"), (False, 0, b"4567"), (True, 0, b"89"),
-        (False, 1, b"h\xc3\xa9l"), (True, 0, b"lo!"),
+        (False, 2, b"0123"),
+        (False, 0, b"4567"),
+        (True, 0, b"89"),
+        (False, 1, b"h\xc3\xa9l"),
+        (True, 0, b"lo!"),
         (True, 2, b"abcd"),
         (True, 9, b"0123456789"),
     ]
     got, err, _ = run(writes, "feed", is_server=not is_server)
     assert err is None
-    assert got == [("message", b"0123456789"), ("message", "héllo!"), ("message", b"abcd"), ("ping", b"0123456789")]
+    assert got == [
+        ("message", b"0123456789"),
+        ("message", "héllo!"),
+        ("message", b"abcd"),
+        ("ping", b"0123456789"),
+    ]
 
 
 def test_writer_fragment_size_with_deflate_sets_rsv1_on_first_frame_only():
     writes: list = []
-    w = FrameWriter(writes.append, is_server=True, deflate=lambda b: bytes(b)[::-1], compress_threshold=0,
-                    fragment_size=3)
+    w = FrameWriter(
+        writes.append, is_server=True, deflate=lambda b: bytes(b)[::-1], compress_threshold=0, fragment_size=3
+    )
     w.send(b"abcdefg")
     frames = frames_of(writes)
     assert [(f.fin, f.rsv, f.opcode, f.payload) for f in frames] == [
-        (False, 4, 2, b"gfe"), (False, 0, 0, b"dcb"), (True, 0, 0, b"a")]
+        (False, 4, 2, b"gfe"),
+        (False, 0, 0, b"dcb"),
+        (True, 0, 0, b"a"),
+    ]
     got, err, _ = run(writes, "feed", is_server=False, inflate=Inflater())
     assert err is None and got == [("message", b"abcdefg")]
 
@@ -1120,7 +1249,12 @@ def test_writer_set_deflate_and_threshold_attribute():
     w.send(b"abcd")
     w.set_deflate(None)
     w.send(b"x" * 500)
-    assert writes == [O.frame(2, b"a"), O.frame(2, b"Z", rsv=O.RSV1), O.frame(2, b"abcd"), O.frame(2, b"x" * 500)]
+    assert writes == [
+        O.frame(2, b"a"),
+        O.frame(2, b"Z", rsv=O.RSV1),
+        O.frame(2, b"abcd"),
+        O.frame(2, b"x" * 500),
+    ]
 
 
 def test_writer_buffered_and_big_corked_batches():

@@ -7,15 +7,21 @@ import codecs
 import os
 import random
 
-import oracles as O
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastws._frame import accept_key, apply_mask, validate_utf8
+import oracles as O
+from fastws._frame import accept_key, apply_mask, apply_mask_inplace, validate_utf8
 
-MASK_KEYS = [bytes.fromhex("37fa213d"), b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\x02\x03\x04",
-             b"\x80\x7f\xa5\x5a", os.urandom(4)]
+MASK_KEYS = [
+    bytes.fromhex("37fa213d"),
+    b"\x00\x00\x00\x00",
+    b"\xff\xff\xff\xff",
+    b"\x01\x02\x03\x04",
+    b"\x80\x7f\xa5\x5a",
+    os.urandom(4),
+]
 
 # --------------------------------------------------------------------------- apply_mask
 
@@ -37,12 +43,11 @@ def test_apply_mask_one_byte_in_a_subprocess():
         "        assert apply_mask(x, k) == bytes([i ^ k[0]]), (k, i)\n"
         "        assert apply_mask(memoryview(b'..' + x)[2:], k) == bytes([i ^ k[0]]), (k, i)\n"
         "        assert x == bytes([i]) and x[0] == i, f'input modified: {i} -> {x[0]}'\n"
-        "assert [bytes([i])[0] for i in range(256)] == list(range(256)), 'the 1-byte bytes cache was corrupted'\n"
+        "assert [bytes([i])[0] for i in range(256)] == list(range(256)), '1-byte bytes cache corrupt'\n"
         "assert b'A' == 'A'.encode() and b'xA'[1:][0] == 65, 'the 1-byte bytes cache was corrupted'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
-
 
 
 def test_oracle_mask_matches_the_literal_definition():
@@ -72,16 +77,18 @@ def test_apply_mask_every_length_and_offset(key):
                 continue  # see test_apply_mask_one_byte_in_a_subprocess
             got = apply_mask(view[off : off + n], key)
             if n:
-                want = (int.from_bytes(base[off : off + n], "little") ^ int.from_bytes(stream[:n], "little")).to_bytes(
-                    n, "little")
+                want = (
+                    int.from_bytes(base[off : off + n], "little") ^ int.from_bytes(stream[:n], "little")
+                ).to_bytes(n, "little")
             else:
                 want = b""
             assert got == want, (off, n)
     assert base == bytes(view) and int.from_bytes(base, "little") == whole  # input untouched
 
 
-@pytest.mark.parametrize("n", [0, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 4096, 65536 + 7,
-                               (1 << 20) + 3])
+@pytest.mark.parametrize(
+    "n", [0, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 4096, 65536 + 7, (1 << 20) + 3]
+)
 def test_apply_mask_input_types(n):
     data = random.Random(n).randbytes(n)
     key = MASK_KEYS[4]
@@ -105,7 +112,11 @@ def test_apply_mask_key_types_and_errors():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=3000).filter(lambda b: len(b) != 1), st.binary(min_size=4, max_size=4), st.integers(0, 7))
+@given(
+    st.binary(max_size=3000).filter(lambda b: len(b) != 1),
+    st.binary(min_size=4, max_size=4),
+    st.integers(0, 7),
+)
 def test_apply_mask_hypothesis(data, key, off):
     buf = memoryview(b"\x00" * off + data)[off:]
     assert apply_mask(buf, key) == O.mask_naive(data, key)
@@ -146,17 +157,49 @@ def test_accept_key_hypothesis_bytes(key):
 # --------------------------------------------------------------------------- validate_utf8
 
 CLASSIC_INVALID = [
-    b"\xc0\x80", b"\xc1\xbf", b"\xe0\x80\x80", b"\xe0\x9f\xbf", b"\xf0\x80\x80\x80", b"\xf0\x8f\xbf\xbf",  # overlong
-    b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xed\xa0\x80\xed\xb0\x80",  # surrogates (and a CESU pair)
-    b"\xf4\x90\x80\x80", b"\xf7\xbf\xbf\xbf",  # above U+10FFFF
-    b"\xf5", b"\xf8\x88\x80\x80\x80", b"\xfc\x84\x80\x80\x80\x80", b"\xfe", b"\xff",  # never in UTF-8
-    b"\x80", b"\xbf", b"\x80\x80",  # lone continuation bytes
-    b"\xc3", b"\xe2\x82", b"\xf0\x9f\x98", b"\xf4\x8f\xbf",  # truncated at the end
-    b"\xc3\x28", b"\xe2\x28\xa1", b"\xe2\x82\x28", b"\xf0\x28\x8c\xbc", b"\xf0\x90\x28\xbc",  # bad continuation
+    b"\xc0\x80",
+    b"\xc1\xbf",
+    b"\xe0\x80\x80",
+    b"\xe0\x9f\xbf",
+    b"\xf0\x80\x80\x80",
+    b"\xf0\x8f\xbf\xbf",  # overlong
+    b"\xed\xa0\x80",
+    b"\xed\xbf\xbf",
+    b"\xed\xa0\x80\xed\xb0\x80",  # surrogates (and a CESU pair)
+    b"\xf4\x90\x80\x80",
+    b"\xf7\xbf\xbf\xbf",  # above U+10FFFF
+    b"\xf5",
+    b"\xf8\x88\x80\x80\x80",
+    b"\xfc\x84\x80\x80\x80\x80",
+    b"\xfe",
+    b"\xff",  # never in UTF-8
+    b"\x80",
+    b"\xbf",
+    b"\x80\x80",  # lone continuation bytes
+    b"\xc3",
+    b"\xe2\x82",
+    b"\xf0\x9f\x98",
+    b"\xf4\x8f\xbf",  # truncated at the end
+    b"\xc3\x28",
+    b"\xe2\x28\xa1",
+    b"\xe2\x82\x28",
+    b"\xf0\x28\x8c\xbc",
+    b"\xf0\x90\x28\xbc",  # bad continuation
 ]
 CLASSIC_VALID = [
-    b"", b"\x00", b"\x7f", b"\xc2\x80", b"\xdf\xbf", b"\xe0\xa0\x80", b"\xed\x9f\xbf", b"\xee\x80\x80",
-    b"\xef\xbf\xbf", b"\xf0\x90\x80\x80", b"\xf4\x8f\xbf\xbf", "κόσμε".encode(), "😀€é".encode(),
+    b"",
+    b"\x00",
+    b"\x7f",
+    b"\xc2\x80",
+    b"\xdf\xbf",
+    b"\xe0\xa0\x80",
+    b"\xed\x9f\xbf",
+    b"\xee\x80\x80",
+    b"\xef\xbf\xbf",
+    b"\xf0\x90\x80\x80",
+    b"\xf4\x8f\xbf\xbf",
+    "κόσμε".encode(),
+    "😀€é".encode(),
 ]
 
 
@@ -216,8 +259,29 @@ def test_validate_utf8_every_three_byte_sequence_with_lead_e0_to_f4():
 
 def test_oracle_scan_agrees_with_python_on_complete_input():
     rng = random.Random(9)
-    alphabet = [0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC2, 0xDF, 0xE0, 0xE1, 0xED, 0xEF,
-                0xF0, 0xF1, 0xF4, 0xF5, 0xFF]
+    alphabet = [
+        0x00,
+        0x41,
+        0x7F,
+        0x80,
+        0x8F,
+        0x90,
+        0x9F,
+        0xA0,
+        0xBF,
+        0xC0,
+        0xC2,
+        0xDF,
+        0xE0,
+        0xE1,
+        0xED,
+        0xEF,
+        0xF0,
+        0xF1,
+        0xF4,
+        0xF5,
+        0xFF,
+    ]
     for _ in range(20000):
         data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
         assert O.utf8_valid(data) == py_valid(data), data.hex()
@@ -229,8 +293,35 @@ def test_oracle_scan_agrees_with_python_on_complete_input():
 
 
 tricky_bytes = st.lists(
-    st.sampled_from([0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1,
-                     0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]),
+    st.sampled_from(
+        [
+            0x00,
+            0x41,
+            0x7F,
+            0x80,
+            0x8F,
+            0x90,
+            0x9F,
+            0xA0,
+            0xBF,
+            0xC0,
+            0xC1,
+            0xC2,
+            0xDF,
+            0xE0,
+            0xE1,
+            0xEC,
+            0xED,
+            0xEE,
+            0xEF,
+            0xF0,
+            0xF1,
+            0xF3,
+            0xF4,
+            0xF5,
+            0xFF,
+        ]
+    ),
     max_size=40,
 ).map(bytes)
 
@@ -252,3 +343,27 @@ def test_validate_utf8_text_and_truncations(text, cut):
     assert validate_utf8(prefix) == py_valid(prefix)
     dec = codecs.getincrementaldecoder("utf-8")()
     dec.decode(prefix, final=False)  # a prefix of valid text is never "invalid so far"
+
+
+@pytest.mark.parametrize("key", [bytes.fromhex("37fa213d"), b"\xff\x00\xff\x00"])
+def test_apply_mask_inplace_matches_the_oracle_for_every_length_and_offset(key):
+    rng = random.Random(7)
+    for n in list(range(0, 300)) + [1023, 4096, 65537]:
+        for off in (0, 1, 3, 7):
+            backing = bytearray(rng.randbytes(n + off + 5))
+            before = bytes(backing)
+            view = memoryview(backing)[off : off + n]
+            apply_mask_inplace(view, key)
+            assert bytes(backing[off : off + n]) == O.mask(before[off : off + n], key)
+            assert backing[:off] == before[:off] and backing[off + n :] == before[off + n :]
+        whole = bytearray(rng.randbytes(n))
+        expected = O.mask(bytes(whole), key)
+        apply_mask_inplace(whole, key)
+        assert whole == expected
+
+
+def test_apply_mask_inplace_refuses_readonly_buffers_and_bad_keys():
+    with pytest.raises(BufferError):
+        apply_mask_inplace(b"immutable", b"abcd")
+    with pytest.raises(ValueError, match="4 bytes"):
+        apply_mask_inplace(bytearray(8), b"abc")

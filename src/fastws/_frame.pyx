@@ -9,7 +9,8 @@ Nothing here imports asyncio or touches a socket.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -130,21 +131,47 @@ def validate_utf8(data):
 def apply_mask(data, mask):
     """Return ``data`` XORed with the 4-byte ``mask`` (RFC 6455 section 5.3)."""
     cdef Py_buffer view, key
+    cdef bytes result
+    if type(data) is bytes and type(mask) is bytes and PyBytes_GET_SIZE(mask) == 4:
+        return _masked_copy(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), PyBytes_AS_STRING(mask))
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
         PyObject_GetBuffer(mask, &key, PyBUF_SIMPLE)
         try:
             if key.len != 4:
                 raise ValueError(f"mask must be 4 bytes, got {key.len}")
-            # A fresh object (NULL source): CPython shares 1-byte bytes objects.
-            result = PyBytes_FromStringAndSize(NULL, view.len)
-            fastws_mask_copy(<uint8_t *>PyBytes_AS_STRING(result), <const uint8_t *>view.buf, view.len,
-                             <const uint8_t *>key.buf)
-            return result
+            return _masked_copy(<const char *>view.buf, view.len, <const char *>key.buf)
         finally:
             PyBuffer_Release(&key)
     finally:
         PyBuffer_Release(&view)
+
+
+def apply_mask_inplace(buffer, mask):
+    """XOR a writable buffer (bytearray, writable memoryview) with ``mask`` in place."""
+    cdef Py_buffer view, key
+    if type(buffer) is bytearray and type(mask) is bytes and PyBytes_GET_SIZE(mask) == 4:
+        fastws_mask(<uint8_t *>PyByteArray_AS_STRING(buffer), PyByteArray_GET_SIZE(buffer),
+                    <const uint8_t *>PyBytes_AS_STRING(mask), 0)
+        return
+    PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(mask, &key, PyBUF_SIMPLE)
+        try:
+            if key.len != 4:
+                raise ValueError(f"mask must be 4 bytes, got {key.len}")
+            fastws_mask(<uint8_t *>view.buf, view.len, <const uint8_t *>key.buf, 0)
+        finally:
+            PyBuffer_Release(&key)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef inline bytes _masked_copy(const char *data, Py_ssize_t n, const char *key):
+    # A fresh object (NULL source): CPython shares 1-byte bytes objects.
+    cdef bytes result = PyBytes_FromStringAndSize(NULL, n)
+    fastws_mask_copy(<uint8_t *>PyBytes_AS_STRING(result), <const uint8_t *>data, n, <const uint8_t *>key)
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -317,9 +344,10 @@ cdef inline bytes build_frame(int opcode, const char *data, Py_ssize_t n, bint f
     cdef bytes frame = PyBytes_FromStringAndSize(NULL, h + n)
     cdef uint8_t *out = <uint8_t *>PyBytes_AS_STRING(frame)
     write_header(out, opcode, n, fin, rsv1, key)
-    memcpy(out + h, data, n)
     if masked:
-        fastws_mask(out + h, n, key, 0)
+        fastws_mask_copy(out + h, <const uint8_t *>data, n, key)
+    else:
+        memcpy(out + h, data, n)
     return frame
 
 cdef inline int check_control(int opcode, Py_ssize_t n, bint fin) except -1:
@@ -445,9 +473,10 @@ cdef class FrameWriter:
         h = header_size(n, self._masked)
         out = <uint8_t *>self._reserve(h + n)
         write_header(out, opcode, n, fin, rsv1, key)
-        memcpy(out + h, data, n)
         if key != NULL:
-            fastws_mask(out + h, n, key, 0)
+            fastws_mask_copy(out + h, <const uint8_t *>data, n, key)
+        else:
+            memcpy(out + h, data, n)
         self._out_len += h + n
         if self._out_len >= OUT_FLUSH_AT:
             self._flush()

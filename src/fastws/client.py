@@ -105,7 +105,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         "subprotocol", "deflate", "_close_code", "_close_reason", "_close_sent", "_close_received",
         "_closed_fut", "_close_timeout", "_close_timer", "_queue", "_max_queue", "_waiter", "_paused",
         "_drain", "_pings", "_ping_seq", "pings_received", "_on_close", "_error", "response_head",
-        "local_address", "__weakref__",
+        "local_address", "_coalesce", "__weakref__",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, key: str, *,
@@ -113,8 +113,9 @@ class ClientConnection(asyncio.BufferedProtocol):
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  on_message: Callable[[Any], Any] | None = None,
                  on_close: Callable[[int, str], Any] | None = None,
-                 close_timeout: float = 5.0, max_queue: int = 64) -> None:
+                 close_timeout: float = 5.0, max_queue: int = 64, coalesce: bool = True) -> None:
         self._loop = loop
+        self._coalesce = coalesce
         self._transport: asyncio.Transport | None = None
         self._state = CONNECTING
         self._request = request
@@ -200,7 +201,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             transport.write, is_server=False, writelines=transport.writelines,
             deflate=pmd.compress if pmd else None, compress_threshold=pmd.compress_threshold if pmd else 0)
         self._reader = reader = FrameReader(
-            self, is_server=False, max_message_size=self._max_message_size, writer=writer,
+            self, is_server=False, max_message_size=self._max_message_size, writer=writer if self._coalesce else None,
             inflate=pmd.decompress if pmd else None)
         reader.on_message = self._on_message if self._on_message is not None else self._enqueue
         transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
@@ -480,7 +481,8 @@ async def _open(url: str, *, subprotocols: Sequence[str], compression: bool, max
                 local_addr: tuple[str, int] | None, open_timeout: float | None, close_timeout: float,
                 on_message: Callable[[Any], Any] | None, on_close: Callable[[int, str], Any] | None,
                 extra_headers: Sequence[tuple[str, str]], ssl: _ssl.SSLContext | bool | None,
-                max_queue: int, sock: Any, create_connection: Callable[..., Any] | None) -> ClientConnection:
+                max_queue: int, sock: Any, create_connection: Callable[..., Any] | None,
+                coalesce: bool) -> ClientConnection:
     u = parse_url(url)
     if u.secure and ssl is None:
         ssl = True
@@ -496,7 +498,7 @@ async def _open(url: str, *, subprotocols: Sequence[str], compression: bool, max
                              deflate=compression, extra_headers=extra_headers)
     conn = ClientConnection(loop, request, key, subprotocols=subprotocols, compression=compression,
                             max_message_size=max_message_size, on_message=on_message, on_close=on_close,
-                            close_timeout=close_timeout, max_queue=max_queue)
+                            close_timeout=close_timeout, max_queue=max_queue, coalesce=coalesce)
     create = create_connection or loop.create_connection
 
     async def go() -> None:
@@ -531,6 +533,11 @@ class connect:  # noqa: N801 - used like a function, as in websockets
     ``open_timeout`` covers TCP connect and the upgrade; on expiry TimeoutError.
     A refused upgrade raises HandshakeError with the server's HTTP status.
     ``wss://`` uses ``ssl`` (True/None: a default verifying context).
+    ``coalesce``: frames sent while a read is handled leave in one write (the
+    default; best for small messages).  False writes each frame at once, which
+    saves a copy of big payloads.
+    ``sock``/``create_connection``: an already-made socket, or another transport
+    layer's ``create_connection(protocol_factory, host, port, ...)``.
     """
 
     def __init__(self, url: str, *, subprotocols: Sequence[str] = (), compression: bool = False,
@@ -539,11 +546,12 @@ class connect:  # noqa: N801 - used like a function, as in websockets
                  on_message: Callable[[Any], Any] | None = None,
                  on_close: Callable[[int, str], Any] | None = None,
                  extra_headers: Sequence[tuple[str, str]] = (), ssl: _ssl.SSLContext | bool | None = None,
-                 max_queue: int = 64, sock: Any = None, create_connection: Callable[..., Any] | None = None) -> None:
+                 max_queue: int = 64, sock: Any = None, create_connection: Callable[..., Any] | None = None,
+                 coalesce: bool = True) -> None:
         self._args = dict(subprotocols=subprotocols, compression=compression, max_message_size=max_message_size,
                           local_addr=local_addr, open_timeout=open_timeout, close_timeout=close_timeout,
                           on_message=on_message, on_close=on_close, extra_headers=extra_headers, ssl=ssl,
-                          max_queue=max_queue, sock=sock, create_connection=create_connection)
+                          max_queue=max_queue, sock=sock, create_connection=create_connection, coalesce=coalesce)
         self._url = url
         self._conn: ClientConnection | None = None
 

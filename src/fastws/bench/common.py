@@ -28,7 +28,7 @@ from fastws.errors import HandshakeError
 __all__ = [
     "BenchError", "Histogram", "parse_size", "format_size", "Target", "parse_target", "classify_error",
     "rss_bytes", "cpu_seconds", "environment", "Workers", "Ctl", "RawEcho", "source_addresses",
-    "raise_nofile", "new_loop", "write_json", "SCHEMA_VERSION",
+    "raise_nofile", "new_loop", "write_json", "SCHEMA_VERSION", "process_cpu", "wait_until", "ServerCPU",
 ]
 
 SCHEMA_VERSION = 1
@@ -349,6 +349,42 @@ def environment(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
         "packages": packages,
         "command": command,
     }
+
+
+def process_cpu() -> float:
+    """CPU seconds (user + system) used by this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait_until(t: float, tick: Callable[[], None] | None = None, step: float = 0.05) -> None:
+    """Sleep until time.monotonic() reaches ``t``, calling ``tick`` between short sleeps."""
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(step, left))
+        if tick is not None:
+            tick()
+
+
+class ServerCPU:
+    """CPU use of the server processes (given by PID) over a window: ``start()``, ``stop()`` -> percent."""
+
+    def __init__(self, pids: Sequence[int] | None) -> None:
+        self.pids = list(pids or [])
+        self._c0 = self._t0 = 0.0
+        self.percent: float | None = None
+
+    def start(self) -> None:
+        if self.pids:
+            self._c0, self._t0 = cpu_seconds(self.pids), time.monotonic()
+
+    def stop(self) -> float | None:
+        if self.pids and self._t0:
+            elapsed = time.monotonic() - self._t0
+            self.percent = round(100 * (cpu_seconds(self.pids) - self._c0) / elapsed, 1) if elapsed > 0 else None
+        return self.percent
 
 
 def raise_nofile() -> int:

@@ -85,7 +85,8 @@ class UI:
             for k, v in rows:
                 print(f"  {k:<28} {v}")
             return
-        table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+        self.console.print(f"[bold]{title}[/]")
+        table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column(justify="right")
         table.add_column()
