@@ -81,6 +81,9 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--json", metavar="FILE", help="save parameters, results and machine facts as JSON")
     p.add_argument("--label", help="name of this run in the JSON file and in plots (default: the URL)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("--server-pid", type=int, action="append", metavar="PID",
+                   help="server process to watch (repeatable; its children count too): CPU use"
+                        + (", memory per connection" if mode == "connections" else ""))
     if mode in ("connections", "broadcast"):
         p.add_argument("--concurrency", type=_positive(int), default=100, metavar="K",
                        help="handshakes in progress at once, over all processes (default 100)")
@@ -89,8 +92,6 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
                        help="pace the ramp at this many connections/s (default: as fast as possible)")
         p.add_argument("--ramp-timeout", type=_positive(float), default=120.0, metavar="SECONDS",
                        help="give up opening more after this long (default 120)")
-        p.add_argument("--server-pid", type=int, action="append", metavar="PID",
-                       help="server process to measure (repeatable; its children count too)")
     if mode in ("connections", "handshake"):
         p.add_argument("--max-failures", type=_positive(int), default=1000, metavar="N",
                        help="stop after this many failed attempts per process (default 1000)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +14,9 @@ try:
     from rich.table import Table
 except ImportError:  # pragma: no cover - the [bench] extra brings rich
     Console = None  # type: ignore[assignment,misc]
+
+
+_VALUE_UNIT = re.compile(r"^([-+\d.,]+(?: (?:/|\+|of) [-+\d.,]+)*) ([^\d\s]{1,6})$")
 
 
 class UI:
@@ -91,8 +95,8 @@ class UI:
         table.add_column(justify="right")
         table.add_column()
         for k, v in rows:
-            value, _, unit = str(v).partition(" ")
-            table.add_row(k, value, unit)
+            m = _VALUE_UNIT.match(str(v))
+            table.add_row(k, *(m.groups() if m else (str(v), "")))
         self.console.print(table)
 
 
