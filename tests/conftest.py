@@ -7,7 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
+
+try:
+    import uvloop
+except ImportError:  # Windows: no uvloop; the wheel tests still run on asyncio's loop
+    uvloop = None
 
 from fastws import App, Config, Server
 
@@ -18,9 +22,9 @@ BOTH_LOOPS = {"test_smoke_server", "test_conformance", "test_interop"}
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Every async test runs on uvloop (the production loop); some on asyncio's loop too."""
-    factories: dict[str, Any] = {"uvloop": uvloop.new_event_loop}
+    factories: dict[str, Any] = {"uvloop": uvloop.new_event_loop} if uvloop else {}
     module = getattr(item, "module", None)
-    if module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+    if not factories or (module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS):
         factories["asyncio"] = asyncio.new_event_loop
     return factories
 
