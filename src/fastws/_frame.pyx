@@ -750,11 +750,12 @@ cdef class FrameReader:
         cdef int opcode
         cdef bint fin, rsv1, masked, textual, whole
         cdef uint64_t length
-        cdef Py_ssize_t limit = self.max_message_size
+        cdef Py_ssize_t limit
         cdef uint8_t *key
         cdef uint8_t *payload
         cdef int i
         while not self._closed:
+            limit = self.max_message_size
             avail = n - pos
             if avail < 2:
                 break
@@ -787,6 +788,10 @@ cdef class FrameReader:
                 hdr += 4
             if self._frame_total == 0:
                 # header length known: enforce the size limit before any payload is buffered
+                if limit > 0 and (rsv1 or (opcode == OPC_CONT and self._msg_compressed)):
+                    # compressed: inflate enforces the real limit; on the wire allow
+                    # deflate's worst-case growth of incompressible data
+                    limit += (limit >> 10) + 1024
                 if limit > 0 and not (opcode & 8) and length + <uint64_t>self._msg_len > <uint64_t>limit:
                     raise PayloadTooBig(
                         f"message of at least {length + <uint64_t>self._msg_len} bytes exceeds the limit of {limit}")

@@ -14,11 +14,15 @@ def load_app(spec: str) -> App:
     """'package.module:app' -> the App object (a clear error for every way it can go wrong)."""
     module_name, _, attr = spec.partition(":")
     attr = attr or "app"
+    if not module_name or module_name.startswith("."):
+        raise SystemExit(f"fastws: app {spec!r} must be 'module:attribute' with an absolute module name")
     sys.path.insert(0, ".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SystemExit(f"fastws: cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself raised while importing
+        raise SystemExit(f"fastws: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     app = getattr(module, attr, None)
     if not isinstance(app, App):
         raise SystemExit(f"fastws: {spec!r} is not a fastws.App (found {type(app).__name__})")
@@ -71,8 +75,10 @@ def serve_command(args: argparse.Namespace) -> int:
         from fastws.backplane.redis import RedisBackplane
 
         RedisBackplane(app.hub, args.redis)
-    run(app, args.host, args.port, workers=args.workers, config=config)
-    return 0
+    try:
+        return run(app, args.host, args.port, workers=args.workers, config=config)
+    except OSError as exc:
+        raise SystemExit(f"fastws: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,10 @@ class Session(asyncio.BufferedProtocol):
             self._fail(exc.code, exc.reason)
         except Exception as exc:  # user code raised inside a sync on_message
             self._server.handler_error(self, exc)
+        if self._reader.closed and self._transport is not None:
+            # The peer's close frame was answered (and flushed when the reader uncorked):
+            # RFC 6455 7.1.1, the server closes the TCP connection first.
+            self._transport.close()
 
     def feed_initial(self, data: bytes) -> None:
         """Frames the client sent right behind its upgrade request."""
@@ -140,6 +144,8 @@ class Session(asyncio.BufferedProtocol):
                 self._fail(exc.code, exc.reason)
             except Exception as exc:
                 self._server.handler_error(self, exc)
+            if self._reader.closed and self._transport is not None:
+                self._transport.close()
 
     def eof_received(self) -> bool:
         return False  # let the transport close; connection_lost reports 1006 if no close came
@@ -184,10 +190,7 @@ class Session(asyncio.BufferedProtocol):
         if not self._close_sent:
             self._close_sent = True
             self._writer.send_frame(0x8, b"" if code == CloseCode.NO_STATUS else code.to_bytes(2, "big"))
-        self._state = CLOSING
-        assert self._transport is not None
-        # RFC 6455 7.1.1: the server closes the TCP connection first.
-        self._transport.close()
+        self._state = CLOSING  # buffer_updated closes TCP once this read is handled
 
     # -- sending --------------------------------------------------------------
 
@@ -196,31 +199,34 @@ class Session(asyncio.BufferedProtocol):
 
         Returns an awaitable: ``await session.send(x)`` waits while the peer
         is slow to read; a plain ``session.send(x)`` never blocks, and a peer
-        that lets more than ``max_send_buffer`` pile up is cut off (1008).
+        that has let more than ``max_send_buffer`` bytes pile up when the next
+        message comes is cut off (1008).
         """
         if self._state != OPEN:
             raise ConnectionClosed(self._close_code, self._close_reason)
+        if self._paused and self._over_send_buffer():
+            return READY
         self._writer.send(message)
-        if self._paused:
-            return self._backpressure()
-        return READY
+        return self._drain_waiter() if self._paused else READY
 
     def send_frame(self, frame: bytes) -> Any:
         """Write an already-encoded frame (used by the hub's broadcast)."""
-        if self._state != OPEN:
+        if self._state != OPEN or (self._paused and self._over_send_buffer()):
             return READY
         self._writer.send_raw(frame)
-        if self._paused:
-            return self._backpressure()
-        return READY
+        return self._drain_waiter() if self._paused else READY
 
-    def _backpressure(self) -> Any:
+    def _over_send_buffer(self) -> bool:
+        """Apply the slow-consumer policy: True if the session was cut off."""
         transport = self._transport
         assert transport is not None
-        if transport.get_write_buffer_size() > self._server.config.max_send_buffer:
-            self._server.stats["slow_consumers"] += 1
-            self.close(CloseCode.POLICY_VIOLATION, "slow consumer: send buffer limit exceeded")
-            return READY
+        if transport.get_write_buffer_size() <= self._server.config.max_send_buffer:
+            return False
+        self._server.stats["slow_consumers"] += 1
+        self.close(CloseCode.POLICY_VIOLATION, "slow consumer: send buffer limit exceeded")
+        return True
+
+    def _drain_waiter(self) -> asyncio.Future[None]:
         if self._drain is None:
             self._drain = self._server.loop.create_future()
         return self._drain
@@ -228,7 +234,7 @@ class Session(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait until the transport's buffer is below the low-water mark."""
         if self._paused:
-            await self._backpressure()
+            await self._drain_waiter()
 
     def ping(self, payload: bytes = b"") -> None:
         if self._state == OPEN:

@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -395,6 +396,8 @@ class Server:
         self.hub.remove(session)
         if code == CloseCode.PROTOCOL_ERROR or code == CloseCode.INVALID_DATA:
             self.stats["protocol_errors"] += 1
+        if not self.hub.sessions:
+            self._closed.set()
         endpoint = session.endpoint
         if endpoint is None:
             return
@@ -404,8 +407,6 @@ class Server:
                 self.loop.create_task(result)
         except Exception:
             log.exception("error in on_close for %s", session.request.path)
-        if not self.hub.sessions:
-            self._closed.set()
 
     def http_answer(self, handler: HttpHandler, request: Request) -> bytes:
         try:
@@ -516,23 +517,39 @@ async def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, config: 
     await server.shutdown()
 
 
+EXIT_CANNOT_LISTEN = 3  # a worker's exit status when its socket could not be opened
+
+
 def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1,
-        config: Config | None = None) -> None:
-    """Run ``app``; with workers > 1, that many processes share the port (SO_REUSEPORT)."""
+        config: Config | None = None) -> int:
+    """Run ``app`` until SIGINT/SIGTERM; returns the process exit status.
+
+    With workers > 1, that many processes share the port (SO_REUSEPORT); this
+    process supervises them: it forwards SIGINT/SIGTERM, restarts a worker
+    that crashes (giving up if they crash in a loop), and stops everything
+    if a worker cannot listen.  Raises OSError if the port cannot be opened
+    (workers == 1).
+    """
     if workers <= 1:
         _run_one(app, host, port, config, reuse_port=False)
-        return
+        return 0
+    master = os.getpid()
     children: dict[int, int] = {}
+    crashes: list[float] = []
     stopping = False
+    status = 0
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _become_worker(master)
             code = 0
             try:
                 _run_one(app, host, port, config, reuse_port=True)
+            except OSError as exc:
+                print(f"fastws: worker {index} cannot listen on {host}:{port}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                code = EXIT_CANNOT_LISTEN
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -540,7 +557,7 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1
                 os._exit(code)
         children[pid] = index
 
-    def forward(signum: int, frame: Any) -> None:
+    def stop_all(signum: int = signal.SIGTERM, frame: Any = None) -> None:
         nonlocal stopping
         stopping = True
         for pid in children:
@@ -549,22 +566,50 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
     for i in range(workers):
         spawn(i)
-    log.info("fastws master %d started %d workers", os.getpid(), workers)
+    log.info("fastws master %d started %d workers", master, workers)
     while children:
         try:
-            pid, status = os.wait()
+            pid, wait_status = os.wait()
         except ChildProcessError:
             break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
-            continue
         index = children.pop(pid, None)
-        if index is not None and not stopping:
-            log.warning("worker %d (pid %d) exited with status %d; restarting", index, pid, status)
-            spawn(index)
+        if index is None or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code == EXIT_CANNOT_LISTEN:
+            status = 1
+            stop_all()
+            continue
+        now = time.monotonic()
+        crashes = [t for t in crashes if now - t < 10.0] + [now]
+        if len(crashes) > 2 * workers:
+            log.error("workers keep crashing (%d in 10 s): giving up", len(crashes))
+            status = 1
+            stop_all()
+            continue
+        log.warning("worker %d (pid %d) exited with status %d; restarting", index, pid, code)
+        time.sleep(0.2 * len(crashes))  # back off while it keeps failing
+        spawn(index)
+    return status
+
+
+def _become_worker(master: int) -> None:
+    """In a freshly forked worker: default signals, and die with the master."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM us if the master dies
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            pass
+    if os.getppid() != master:  # the master died before prctl took effect
+        os._exit(0)
 
 
 def _run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool) -> None:

@@ -1,0 +1,263 @@
+"""`python -m fastws serve` as a real process: startup, /healthz, SIGTERM drain, workers, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and fork: POSIX only")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A `python -m fastws ...` child with its output in a file."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.log_path = cwd / f"fastws-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.popen = subprocess.Popen([sys.executable, "-m", "fastws", *args], cwd=cwd, env=env,
+                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)  # its own process group: master + workers
+        self.pid = self.popen.pid
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if still running after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.popen.poll()
+
+    def stop(self) -> None:
+        """Kill whatever is left of this test's process group (a master and its workers)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    procs: list[Proc] = []
+
+    def start(*args: str) -> Proc:
+        proc = Proc(list(args), tmp_path)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def healthz(port: int) -> dict[str, Any]:
+    status, body = await http_get(port, "/healthz")
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def wait_ready(proc: Proc, port: int, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await healthz(port)
+        except OSError:
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"fastws serve did not come up (exit {proc.popen.poll()}):\n{proc.output}")
+            await asyncio.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+async def assert_going_away(clients: list[Any]) -> None:
+    for ws in clients:
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 1001, (ws.close_code, ws.close_reason)
+
+
+async def test_serve_demo_then_sigterm(spawn) -> None:
+    port = free_port()
+    proc = spawn("serve", "--port", str(port))
+    health = await wait_ready(proc, port)
+    assert health["status"] == "ok"
+    assert health["pid"] == proc.pid
+    status, page = await http_get(port, "/")
+    assert status == 200 and b"fastws demo" in page
+
+    echo = await websockets.connect(f"ws://127.0.0.1:{port}/echo")
+    await echo.send("ping?")
+    assert await asyncio.wait_for(echo.recv(), 5) == "ping?"
+    chat = await websockets.connect(f"ws://127.0.0.1:{port}/chat")
+    assert (await asyncio.wait_for(chat.recv(), 5)).endswith("joined")
+    assert (await healthz(port))["connections"] == 2
+
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    await assert_going_away([echo, chat])
+    code = await proc.wait(10)
+    elapsed = time.monotonic() - started
+    assert code == 0, proc.output
+    assert elapsed < 5, f"shutdown took {elapsed:.1f} s"
+    assert "Traceback" not in proc.output, proc.output
+    with pytest.raises(OSError):
+        await http_get(port, "/healthz")
+
+
+async def test_sigterm_with_a_handler_coroutine_session_is_prompt(spawn) -> None:
+    port = free_port()
+    proc = spawn("serve", "--port", str(port))
+    await wait_ready(proc, port)
+    push = await websockets.connect(f"ws://127.0.0.1:{port}/push")  # the demo's /push is `async def push(ws)`
+    await asyncio.wait_for(push.recv(), 5)
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    await assert_going_away([push])
+    assert await proc.wait(5) == 0, f"still running {time.monotonic() - started:.1f} s after SIGTERM"
+
+
+async def test_sigint_also_stops_gracefully(spawn) -> None:
+    port = free_port()
+    proc = spawn("serve", "--port", str(port))
+    await wait_ready(proc, port)
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/echo")
+    proc.popen.send_signal(signal.SIGINT)
+    await assert_going_away([ws])
+    assert await proc.wait(10) == 0, proc.output
+
+
+async def test_two_workers_share_the_port(spawn) -> None:
+    port = free_port()
+    proc = spawn("serve", "--port", str(port), "--workers", "2")
+    await wait_ready(proc, port)
+    pids: set[int] = set()
+    for _ in range(200):  # SO_REUSEPORT spreads connections by hash of the source port
+        pids.add((await healthz(port))["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2, f"only saw pids {pids} in 200 connections"
+    assert proc.pid not in pids
+    for pid in pids:
+        assert parent_pid(pid) == proc.pid
+
+    clients = [await websockets.connect(f"ws://127.0.0.1:{port}/echo") for _ in range(6)]
+    for i, ws in enumerate(clients):
+        await ws.send(f"hello {i}")
+        assert await asyncio.wait_for(ws.recv(), 5) == f"hello {i}"
+
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    await assert_going_away(clients)
+    assert await proc.wait(10) == 0, proc.output
+    assert time.monotonic() - started < 5
+    for pid in pids:
+        assert not alive(pid), f"worker {pid} survived its master"
+    assert "Traceback" not in proc.output, proc.output
+
+
+@pytest.mark.parametrize("spec", [
+    "no_such_module_for_fastws:app",
+    "fastws.demo:no_such_attribute",
+    "fastws.demo:create_app",  # a function, not an App
+    "not_an_app:app",  # a module in the working directory with app = 42
+    ":app",
+    ".relative:app",
+])
+async def test_bad_app_spec_is_one_clear_line(spawn, tmp_path: Path, spec: str) -> None:
+    (tmp_path / "not_an_app.py").write_text("app = 42\n")
+    proc = spawn("serve", spec, "--port", str(free_port()))
+    code = await proc.wait(20)
+    output = proc.output.strip()
+    assert code not in (0, None), output
+    assert "Traceback" not in output, output
+    assert len(output.splitlines()) == 1, output
+    assert output.startswith("fastws: ") and spec.split(":")[0] in output, output
+
+
+async def test_port_in_use_is_one_clear_line(spawn) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = spawn("serve", "--port", str(port))
+        code = await proc.wait(20)
+    output = proc.output.strip()
+    assert code not in (0, None), output
+    assert "Traceback" not in output, output
+    assert str(port) in output and len(output.splitlines()) == 1, output
+
+
+async def test_workers_that_cannot_start_make_the_master_fail(spawn) -> None:
+    with socket.socket() as busy:  # bound without SO_REUSEPORT: the workers can't share it
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = spawn("serve", "--port", str(port), "--workers", "2")
+        code = await proc.wait(4)
+    assert code not in (0, None), proc.output[-2000:]
+
+
+def test_systemd_unit_runs_a_valid_serve_command() -> None:
+    """deploy/fastws.service's ExecStart parses with the real CLI and matches deploy/nginx.conf's upstream."""
+    import argparse
+    import re
+    import shlex
+
+    from fastws.cli import add_serve_parser
+
+    root = Path(__file__).resolve().parent.parent
+    unit = (root / "deploy" / "fastws.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", unit, re.MULTILINE)
+    assert exec_start, "no ExecStart in deploy/fastws.service"
+    argv = shlex.split(exec_start.group(1))
+    assert argv[0].endswith("/fastws") and argv[1] == "serve", argv
+    parser = argparse.ArgumentParser(prog="fastws")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv[1:])
+    assert args.workers > 1
+    assert "127.0.0.1" in args.trusted_proxies
+    nginx_conf = (root / "deploy" / "nginx.conf").read_text()
+    assert re.search(rf"server {re.escape(args.host)}:{args.port};", nginx_conf)
+    assert re.search(r"^KillMode=mixed$", unit, re.MULTILINE)  # SIGTERM to the master, which forwards it
