@@ -1336,3 +1336,59 @@ def test_is_valid_close_code_sweep():
     for code in range(0, 65536):
         assert bool(is_valid_close_code(code)) == O.is_valid_close_code(code), code
     assert is_valid_close_code(1000) is True and is_valid_close_code(1005) is False
+
+
+# --------------------------------------------------------------------------- transport-facing options
+
+
+def test_on_error_receives_protocol_errors_instead_of_raising():
+    errors = []
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True, on_error=errors.append)
+    stream = mframe(1, "ok") + bytes([0x83, 0x80]) + KEY  # then a reserved opcode
+    buf = reader.get_buffer(-1)
+    buf[: len(stream)] = stream
+    reader.buffer_updated(len(stream))  # must not raise
+    assert rec.calls == [("message", "ok")]
+    assert len(errors) == 1 and isinstance(errors[0], ProtocolError) and errors[0].code == 1002
+    assert reader.closed and reader.reads == 1
+
+
+def test_on_error_receives_handler_exceptions_and_the_stream_stays_in_sync():
+    errors = []
+
+    class Boom(Recorder):
+        def on_message(self, data):
+            super().on_message(data)
+            if data == "boom":
+                raise RuntimeError("handler failed")
+
+    rec = Boom()
+    reader = FrameReader(rec, is_server=True, on_error=errors.append)
+    first = mframe(1, "boom") + mframe(1, "after")[:3]
+    for chunk in (first, mframe(1, "after")[3:] + mframe(8, encode_close_payload(1000))):
+        buf = reader.get_buffer(-1)
+        buf[: len(chunk)] = chunk
+        reader.buffer_updated(len(chunk))
+    assert [type(e) for e in errors] == [RuntimeError]
+    # the frame after the failing message was kept, and the close frame still parses
+    assert rec.calls == [("message", "boom"), ("message", "after"), ("close", 1000, "")]
+    assert reader.reads == 2
+
+
+def test_on_close_comes_after_the_writer_flushed_this_reads_replies():
+    written = []
+    events = []
+    writer = FrameWriter(lambda data: (written.append(data), events.append("write")), is_server=True)
+
+    class Replier(Recorder):
+        def on_ping(self, payload):
+            writer.send_pong(payload)
+
+        def on_close(self, code, reason):
+            events.append(("close", code))
+
+    reader = FrameReader(Replier(), is_server=True, writer=writer)
+    reader.feed(mframe(9, b"p1") + mframe(9, b"p2") + mframe(8, encode_close_payload(1001)))
+    assert events == ["write", ("close", 1001)]
+    assert written == [uframe(10, b"p1") + uframe(10, b"p2")]

@@ -24,7 +24,11 @@ class FrameReader:
     for one reader at a time (as asyncio and uvloop do).
     A protocol violation raises fastws.errors.ProtocolError(code, reason) from
     buffer_updated()/feed(); messages completed before it were delivered first.
-    After a close frame or an error, further input is ignored.
+    After a close frame or an error, further input is ignored.  on_close is
+    called after the writer has been uncorked (replies queued during the same
+    read are written first).  With ``on_error``, buffer_updated() passes the
+    exception (ProtocolError, or one raised by a handler) to it instead of
+    raising, so a transport can call buffer_updated directly.
     """
 
     max_message_size: int
@@ -36,7 +40,11 @@ class FrameReader:
         max_message_size: int = 1048576,  # 0 = unlimited; checked from headers (1009)
         inflate: Callable[[bytes], bytes] | None = None,  # set when permessage-deflate was negotiated (RSV1 allowed)
         writer: FrameWriter | None = None,  # corked while a read is parsed, flushed once after it
+        on_error: Callable[[Exception], object] | None = None,  # buffer_updated reports errors here
     ) -> None: ...
+    on_message: Callable[[str | bytes], object]  # swappable
+    messages: int  # data messages delivered so far
+    reads: int  # buffer_updated calls so far
     def set_inflate(self, inflate: Callable[[bytes], bytes] | None) -> None: ...
     def get_buffer(self, sizehint: int = -1) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...

@@ -558,13 +558,16 @@ cdef char *_scratch = NULL
 cdef unsigned long _scratch_thread = 0
 cdef bint _scratch_busy = False  # a reader is parsing it (a handler may feed another reader)
 
+cdef object _scratch_view = None  # one memoryview over it, handed out again and again
+
 cdef char *scratch_buffer() except? NULL:
-    global _scratch, _scratch_thread
+    global _scratch, _scratch_thread, _scratch_view
     if _scratch == NULL:
         _scratch = <char *>PyMem_Malloc(SCRATCH_SIZE)
         if _scratch == NULL:
             raise MemoryError()
         _scratch_thread = PyThread_get_thread_ident()
+        _scratch_view = PyMemoryView_FromMemory(_scratch, SCRATCH_SIZE, PyBUF_WRITE)
     elif _scratch_thread != PyThread_get_thread_ident() or _scratch_busy:
         return NULL  # another thread's, or in use further up the stack: use a private buffer
     return _scratch
@@ -575,6 +578,8 @@ cdef class FrameReader:
 
     cdef public object on_message  # swappable: the session routes messages through a queue at times
     cdef object _handler            # control frames are rare: look its methods up when needed
+    cdef object _on_error           # given: buffer_updated reports errors here instead of raising
+    cdef object _pending_close      # (code, reason) of a close frame, handed over after the flush
     cdef object _inflate
     cdef FrameWriter _writer
     cdef bint _is_server
@@ -597,15 +602,17 @@ cdef class FrameReader:
     cdef uint32_t _utf8_state
     cdef Py_ssize_t _consumed      # bytes of the current input fully handled (for handler exceptions)
     cdef public Py_ssize_t messages  # data messages delivered (idle detection reads it)
+    cdef public Py_ssize_t reads     # buffer_updated calls (keepalive: any bytes mean the peer lives)
 
     def __cinit__(self):
         self._buf = NULL
         self._msg = NULL
 
     def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
-                 inflate=None, FrameWriter writer=None):
+                 inflate=None, FrameWriter writer=None, on_error=None):
         self.on_message = handler.on_message
         self._handler = handler
+        self._on_error = on_error
         self._is_server = is_server
         self.max_message_size = max_message_size
         self._inflate = inflate
@@ -643,13 +650,10 @@ cdef class FrameReader:
         return 0
 
     def get_buffer(self, Py_ssize_t sizehint=-1):
-        cdef char *scratch
         cdef Py_ssize_t free
-        if self._buf_len == 0:
-            scratch = scratch_buffer()
-            if scratch != NULL:
-                self._in_scratch = True
-                return PyMemoryView_FromMemory(scratch, SCRATCH_SIZE, PyBUF_WRITE)
+        if self._buf_len == 0 and scratch_buffer() != NULL:
+            self._in_scratch = True
+            return _scratch_view
         self._in_scratch = False
         free = MIN_READ
         if self._frame_total > self._buf_len:
@@ -661,16 +665,22 @@ cdef class FrameReader:
 
     def buffer_updated(self, Py_ssize_t nbytes):
         global _scratch_busy
-        if self._in_scratch:
-            self._in_scratch = False
-            _scratch_busy = True
-            try:
-                self._process(_scratch, nbytes, True)
-            finally:
-                _scratch_busy = False
-        else:
-            self._buf_len += nbytes
-            self._process(self._buf, self._buf_len, False)
+        self.reads += 1
+        try:
+            if self._in_scratch:
+                self._in_scratch = False
+                _scratch_busy = True
+                try:
+                    self._process(_scratch, nbytes, True)
+                finally:
+                    _scratch_busy = False
+            else:
+                self._buf_len += nbytes
+                self._process(self._buf, self._buf_len, False)
+        except Exception as exc:
+            if self._on_error is None:
+                raise
+            self._on_error(exc)
 
     def feed(self, data):
         """Parse bytes given by the caller (copied; for tests and non-buffered transports)."""
@@ -710,6 +720,11 @@ cdef class FrameReader:
                 self._writer.uncork()
         if self._closed:
             self._discard()
+            if self._pending_close is not None:
+                # after the flush: everything answered in this read goes out before the close
+                code, reason = self._pending_close
+                self._pending_close = None
+                self._handler.on_close(code, reason)
             return 0
         self._keep_tail(data, n, used, from_scratch)
         return 0
@@ -919,7 +934,6 @@ cdef class FrameReader:
         elif opcode == OPC_PONG:
             self._handler.on_pong(payload)
         else:
-            code, reason = _parse_close(payload)
+            self._pending_close = _parse_close(payload)
             self._closed = True
-            self._handler.on_close(code, reason)
         return 0

@@ -49,9 +49,9 @@ class Session(asyncio.BufferedProtocol):
 
     __slots__ = (
         "id", "request", "remote", "subprotocol", "user", "rooms", "endpoint",
-        "get_buffer", "_server", "_transport", "_reader", "_writer", "_state",
+        "get_buffer", "buffer_updated", "_server", "_transport", "_reader", "_writer", "_state",
         "_close_sent", "_close_code", "_close_reason", "_closed_notified", "_close_timer",
-        "_paused", "_drain", "_active", "_last_active", "_ping_sent", "_seen_messages", "_last_message",
+        "_paused", "_drain", "_seen_reads", "_last_active", "_ping_sent", "_seen_messages", "_last_message",
         "_queue", "_queue_handler", "_queue_task", "_inbox_waiter", "_deflate", "__weakref__",
     )
 
@@ -75,7 +75,7 @@ class Session(asyncio.BufferedProtocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._active = True
+        self._seen_reads = 0
         self._last_active = 0.0
         self._ping_sent = 0.0
         self._seen_messages = 0
@@ -104,15 +104,17 @@ class Session(asyncio.BufferedProtocol):
                                    deflate=deflate.compress if deflate else None,
                                    compress_threshold=deflate.compress_threshold if deflate else 0)
         self._reader = FrameReader(self, is_server=True, max_message_size=cfg.max_message_size,
-                                   writer=self._writer, inflate=deflate.decompress if deflate else None)
+                                   writer=self._writer, inflate=deflate.decompress if deflate else None,
+                                   on_error=self._read_error)
         if queued:
             self._queue_handler = on_message
             self._reader.on_message = self._enqueue
         else:
             self._reader.on_message = on_message
-        # uvloop caches protocol.get_buffer when the protocol is set: binding the
-        # reader's method here saves a Python frame on every read.
+        # The transport looks up protocol.get_buffer/buffer_updated when the protocol
+        # is set: binding the reader's methods makes every read a pure Cython call.
         self.get_buffer = self._reader.get_buffer
+        self.buffer_updated = self._reader.buffer_updated
         transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_high_water // 4)
         self._last_active = self._last_message = self._server.loop.time()
         transport.set_protocol(self)
@@ -122,30 +124,20 @@ class Session(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - set_protocol path
         pass
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._active = True
-        try:
-            self._reader.buffer_updated(nbytes)
-        except ProtocolError as exc:
+    def _read_error(self, exc: Exception) -> None:
+        """The reader hit a protocol violation, or a sync on_message raised."""
+        if isinstance(exc, ProtocolError):
             self._fail(exc.code, exc.reason)
-        except Exception as exc:  # user code raised inside a sync on_message
+        else:
             self._server.handler_error(self, exc)
-        if self._reader.closed and self._transport is not None:
-            # The peer's close frame was answered (and flushed when the reader uncorked):
-            # RFC 6455 7.1.1, the server closes the TCP connection first.
-            self._transport.close()
 
     def feed_initial(self, data: bytes) -> None:
         """Frames the client sent right behind its upgrade request."""
         if data:
             try:
                 self._reader.feed(data)
-            except ProtocolError as exc:
-                self._fail(exc.code, exc.reason)
             except Exception as exc:
-                self._server.handler_error(self, exc)
-            if self._reader.closed and self._transport is not None:
-                self._transport.close()
+                self._read_error(exc)
 
     def eof_received(self) -> bool:
         return False  # let the transport close; connection_lost reports 1006 if no close came
@@ -190,7 +182,11 @@ class Session(asyncio.BufferedProtocol):
         if not self._close_sent:
             self._close_sent = True
             self._writer.send_frame(0x8, b"" if code == CloseCode.NO_STATUS else code.to_bytes(2, "big"))
-        self._state = CLOSING  # buffer_updated closes TCP once this read is handled
+        self._state = CLOSING
+        assert self._transport is not None
+        # RFC 6455 7.1.1: the server closes the TCP connection first (the reader
+        # calls this after flushing its writer, so the echoed close goes out first).
+        self._transport.close()
 
     # -- sending --------------------------------------------------------------
 

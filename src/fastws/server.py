@@ -445,8 +445,9 @@ class Server:
         cfg = self.config
         if session.closed:
             return
-        if session._active:
-            session._active = False
+        reads = session._reader.reads if session._reader is not None else 0
+        if reads != session._seen_reads:  # any bytes from the peer since the last sweep
+            session._seen_reads = reads
             session._last_active = now
             session._ping_sent = 0.0
         elif session._ping_sent:
