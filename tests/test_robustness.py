@@ -528,3 +528,30 @@ async def test_huge_announced_frame_does_not_allocate(start_server) -> None:
         await asyncio.sleep(0.2)
         assert rss() - mem < 64 * MiB
     await wait_no_connections(server)
+
+
+async def test_pipelined_echo_of_big_messages_pushes_back_instead_of_cutting_off(start_server, demo_app) -> None:
+    """A client that keeps 12 MiB of requests in flight but reads all the time is served,
+    not dropped as a slow consumer: while its replies wait, the server stops reading it."""
+    server, port = await start_server(demo_app, max_message_size=1 << 20, max_send_buffer=2 << 20)
+    payload = os.urandom(1 << 20)
+    async with ws_connect(f"ws://127.0.0.1:{port}/echo", max_size=None) as ws:
+        for _ in range(3):
+            for _ in range(12):
+                await ws.send(payload)
+            for _ in range(12):
+                assert await asyncio.wait_for(ws.recv(), 10) == payload
+    assert server.stats["slow_consumers"] == 0
+
+
+async def test_the_http_phase_is_freed_after_the_upgrade(start_server, demo_app) -> None:
+    from fastws.handshake import HeadParser
+    from fastws.server import HttpProtocol
+
+    _, port = await start_server(demo_app)
+    clients = [await ws_connect(f"ws://127.0.0.1:{port}/echo") for _ in range(20)]
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, (HttpProtocol, HeadParser))]
+    assert len(alive) < 5, f"{len(alive)} HTTP-phase objects kept by 20 open sessions"
+    for ws in clients:
+        await ws.close()

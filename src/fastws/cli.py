@@ -85,12 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastws", description="fastws WebSocket server and load tools")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
-    try:
-        from fastws.bench.cli import add_bench_parser
-    except ImportError:  # the bench tool needs the [bench] extra only for plots
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub)
+    from fastws.bench.cli import add_bench_parser  # its optional deps (rich, matplotlib) load lazily
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args)) if hasattr(args, "func") else serve_command(args)
 

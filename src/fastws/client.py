@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl as _ssl
 import sys
 import time
@@ -100,20 +101,61 @@ class ClientConnection(asyncio.BufferedProtocol):
     """
 
     __slots__ = (
-        "get_buffer", "_loop", "_transport", "_state", "_request", "_key", "_subprotocols", "_compression",
-        "_max_message_size", "_on_message", "_head", "_hbuf", "_opened", "_reader", "_writer",
-        "subprotocol", "deflate", "_close_code", "_close_reason", "_close_sent", "_close_received",
-        "_closed_fut", "_close_timeout", "_close_timer", "_queue", "_max_queue", "_waiter", "_paused",
-        "_drain", "_pings", "_ping_seq", "pings_received", "_on_close", "_error", "response_head",
-        "local_address", "_coalesce", "__weakref__",
+        "get_buffer",
+        "_loop",
+        "_transport",
+        "_state",
+        "_request",
+        "_key",
+        "_subprotocols",
+        "_compression",
+        "_max_message_size",
+        "_on_message",
+        "_head",
+        "_hbuf",
+        "_opened",
+        "_reader",
+        "_writer",
+        "subprotocol",
+        "deflate",
+        "_close_code",
+        "_close_reason",
+        "_close_sent",
+        "_close_received",
+        "_closed_fut",
+        "_close_timeout",
+        "_close_timer",
+        "_queue",
+        "_max_queue",
+        "_waiter",
+        "_paused",
+        "_drain",
+        "_pings",
+        "_ping_seq",
+        "pings_received",
+        "_on_close",
+        "_error",
+        "response_head",
+        "local_address",
+        "_coalesce",
+        "__weakref__",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, key: str, *,
-                 subprotocols: Sequence[str] = (), compression: bool = False,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 on_message: Callable[[Any], Any] | None = None,
-                 on_close: Callable[[int, str], Any] | None = None,
-                 close_timeout: float = 5.0, max_queue: int = 64, coalesce: bool = True) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: bytes,
+        key: str,
+        *,
+        subprotocols: Sequence[str] = (),
+        compression: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        on_message: Callable[[Any], Any] | None = None,
+        on_close: Callable[[int, str], Any] | None = None,
+        close_timeout: float = 5.0,
+        max_queue: int = 64,
+        coalesce: bool = True,
+    ) -> None:
         self._loop = loop
         self._coalesce = coalesce
         self._transport: asyncio.Transport | None = None
@@ -127,9 +169,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._on_close = on_close
         self._head = b""
         self._hbuf: bytearray | None = bytearray(4096)
-        self.get_buffer = self._handshake_buffer
+        self.get_buffer = self._handshake_buffer  # type: ignore[method-assign]
         self._opened: asyncio.Future[None] = loop.create_future()
-        self._reader: FrameReader | None = None
+        self._reader: Any = None  # FrameReader (its public on_message / messages are not in the stub)
         self._writer: FrameWriter | None = None
         self.subprotocol: str | None = None
         self.deflate: Any = None
@@ -185,11 +227,15 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self._head = head
             return
         self._head = b""
-        self.response_head, rest = head[:end + 4], head[end + 4:]
+        self.response_head, rest = head[: end + 4], head[end + 4 :]
         try:
             self.subprotocol, pmd = check_client_response(
-                self.response_head, self._key, subprotocols=self._subprotocols, deflate=self._compression,
-                max_message_size=self._max_message_size)
+                self.response_head,
+                self._key,
+                subprotocols=self._subprotocols,
+                deflate=self._compression,
+                max_message_size=self._max_message_size,
+            )
         except HandshakeError as exc:
             self._open_failed(exc)
             return
@@ -198,14 +244,23 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.deflate = pmd
         self._hbuf = None
         self._writer = writer = FrameWriter(
-            transport.write, is_server=False, writelines=transport.writelines,
-            deflate=pmd.compress if pmd else None, compress_threshold=pmd.compress_threshold if pmd else 0)
-        self._reader = reader = FrameReader(
-            self, is_server=False, max_message_size=self._max_message_size, writer=writer if self._coalesce else None,
-            inflate=pmd.decompress if pmd else None)
+            transport.write,
+            is_server=False,
+            writelines=transport.writelines,
+            deflate=pmd.compress if pmd else None,
+            compress_threshold=pmd.compress_threshold if pmd else 0,
+        )
+        reader: Any = FrameReader(
+            self,
+            is_server=False,
+            max_message_size=self._max_message_size,
+            writer=writer if self._coalesce else None,
+            inflate=pmd.decompress if pmd else None,
+        )
         reader.on_message = self._on_message if self._on_message is not None else self._enqueue
+        self._reader = reader
         transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
-        self.get_buffer = reader.get_buffer
+        self.get_buffer = reader.get_buffer  # type: ignore[method-assign]
         self._state = OPEN
         transport.set_protocol(self)  # uvloop caches get_buffer: hand it the reader's
         if not self._opened.done():
@@ -218,10 +273,14 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _open_failed(self, exc: BaseException) -> None:
         self._state = CLOSED
-        if not self._opened.done():
-            self._opened.set_exception(exc)
+        self._fail_open(exc)
         if self._transport is not None:
             self._transport.abort()
+
+    def _fail_open(self, exc: BaseException) -> None:
+        if not self._opened.done():
+            self._opened.set_exception(exc)
+            self._opened.exception()  # whoever awaits it still gets it; nobody may (after a timeout)
 
     # -- asyncio protocol ---------------------------------------------------------
 
@@ -229,14 +288,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_connecting = self._state == CONNECTING
+        was_open = self._reader is not None
         self._state = CLOSED
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        if was_connecting and not self._opened.done():
-            self._opened.set_exception(
-                exc if exc is not None else ConnectionResetError("connection closed during the opening handshake"))
+        if not was_open:
+            self._fail_open(exc or ConnectionResetError("connection closed during the opening handshake"))
         if not self._closed_fut.done():
             self._closed_fut.set_result(None)
         drain, self._drain = self._drain, None
@@ -249,7 +307,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                 fut.exception()
         self._pings.clear()
         self._wake()
-        if self._on_close is not None and not was_connecting:
+        if self._on_close is not None and was_open:
             self._on_close(self._close_code, self._close_reason)
 
     def pause_writing(self) -> None:
@@ -444,8 +502,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             queue = self._queue
             if queue:
                 message = queue.popleft()
-                if len(queue) < self._max_queue // 2 and self._transport is not None \
-                        and self._state == OPEN and not self._transport.is_reading():
+                if (
+                    len(queue) < self._max_queue // 2
+                    and self._transport is not None
+                    and self._state == OPEN
+                    and not self._transport.is_reading()
+                ):
                     self._transport.resume_reading()
                 return message
             if self._state == CLOSED or self._state == CLOSING and self._close_received:
@@ -477,36 +539,99 @@ class ClientConnection(asyncio.BufferedProtocol):
         return f"<ClientConnection {state} local={self.local_address}>"
 
 
-async def _open(url: str, *, subprotocols: Sequence[str], compression: bool, max_message_size: int,
-                local_addr: tuple[str, int] | None, open_timeout: float | None, close_timeout: float,
-                on_message: Callable[[Any], Any] | None, on_close: Callable[[int, str], Any] | None,
-                extra_headers: Sequence[tuple[str, str]], ssl: _ssl.SSLContext | bool | None,
-                max_queue: int, sock: Any, create_connection: Callable[..., Any] | None,
-                coalesce: bool) -> ClientConnection:
-    u = parse_url(url)
+_parse_url_cached = functools.lru_cache(maxsize=256)(parse_url)
+_KEY_MARK = "@FASTWS-KEY@"
+
+
+@functools.lru_cache(maxsize=256)
+def _request_template(
+    host_header: str,
+    resource: str,
+    subprotocols: tuple[str, ...],
+    compression: bool,
+    extra_headers: tuple[tuple[str, str], ...],
+) -> tuple[bytes, bytes]:
+    """The upgrade request split around its key: a new connection only adds a fresh key."""
+    head = client_request(
+        host_header,
+        resource,
+        key=_KEY_MARK,
+        subprotocols=subprotocols,
+        deflate=compression,
+        extra_headers=extra_headers,
+    )
+    before, mark, after = head.partition(_KEY_MARK.encode("ascii"))
+    if not mark or _KEY_MARK.encode("ascii") in after:
+        raise ValueError("cannot build the upgrade request")  # pragma: no cover - a header held the marker
+    return before, after
+
+
+@functools.lru_cache(maxsize=1)
+def _default_ssl_context() -> _ssl.SSLContext:
+    """One verifying context for every wss:// connection (building one loads the CA store)."""
+    return _ssl.create_default_context()
+
+
+async def _open(
+    url: str,
+    *,
+    subprotocols: Sequence[str],
+    compression: bool,
+    max_message_size: int,
+    local_addr: tuple[str, int] | None,
+    open_timeout: float | None,
+    close_timeout: float,
+    on_message: Callable[[Any], Any] | None,
+    on_close: Callable[[int, str], Any] | None,
+    extra_headers: Sequence[tuple[str, str]],
+    ssl: _ssl.SSLContext | bool | None,
+    max_queue: int,
+    sock: Any,
+    create_connection: Callable[..., Any] | None,
+    coalesce: bool,
+) -> ClientConnection:
+    u = _parse_url_cached(url)
     if u.secure and ssl is None:
         ssl = True
     if ssl is True:
-        ssl = _ssl.create_default_context()
+        ssl = _default_ssl_context()
     elif ssl is False:
         ssl = None
     if ssl is not None and not u.secure:
         raise ValueError("ssl= was given for a ws:// URL: use wss://")
     loop = asyncio.get_running_loop()
     key = new_key()
-    request = client_request(u.host_header, u.resource, key=key, subprotocols=subprotocols,
-                             deflate=compression, extra_headers=extra_headers)
-    conn = ClientConnection(loop, request, key, subprotocols=subprotocols, compression=compression,
-                            max_message_size=max_message_size, on_message=on_message, on_close=on_close,
-                            close_timeout=close_timeout, max_queue=max_queue, coalesce=coalesce)
+    before, after = _request_template(
+        u.host_header, u.resource, tuple(subprotocols), compression, tuple(map(tuple, extra_headers))
+    )
+    request = b"".join((before, key.encode("ascii"), after))
+    conn = ClientConnection(
+        loop,
+        request,
+        key,
+        subprotocols=subprotocols,
+        compression=compression,
+        max_message_size=max_message_size,
+        on_message=on_message,
+        on_close=on_close,
+        close_timeout=close_timeout,
+        max_queue=max_queue,
+        coalesce=coalesce,
+    )
     create = create_connection or loop.create_connection
 
     async def go() -> None:
         if sock is not None:
             await create(lambda: conn, sock=sock, ssl=ssl, server_hostname=u.host if ssl else None)
         else:
-            await create(lambda: conn, u.host, u.port, local_addr=local_addr, ssl=ssl,
-                         server_hostname=u.host if ssl else None)
+            await create(
+                lambda: conn,
+                u.host,
+                u.port,
+                local_addr=local_addr,
+                ssl=ssl,
+                server_hostname=u.host if ssl else None,
+            )
         await conn._opened
 
     try:
@@ -540,29 +665,51 @@ class connect:  # noqa: N801 - used like a function, as in websockets
     layer's ``create_connection(protocol_factory, host, port, ...)``.
     """
 
-    def __init__(self, url: str, *, subprotocols: Sequence[str] = (), compression: bool = False,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, local_addr: tuple[str, int] | None = None,
-                 open_timeout: float | None = 10.0, close_timeout: float = 5.0,
-                 on_message: Callable[[Any], Any] | None = None,
-                 on_close: Callable[[int, str], Any] | None = None,
-                 extra_headers: Sequence[tuple[str, str]] = (), ssl: _ssl.SSLContext | bool | None = None,
-                 max_queue: int = 64, sock: Any = None, create_connection: Callable[..., Any] | None = None,
-                 coalesce: bool = True) -> None:
-        self._args = dict(subprotocols=subprotocols, compression=compression, max_message_size=max_message_size,
-                          local_addr=local_addr, open_timeout=open_timeout, close_timeout=close_timeout,
-                          on_message=on_message, on_close=on_close, extra_headers=extra_headers, ssl=ssl,
-                          max_queue=max_queue, sock=sock, create_connection=create_connection, coalesce=coalesce)
+    def __init__(
+        self,
+        url: str,
+        *,
+        subprotocols: Sequence[str] = (),
+        compression: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        local_addr: tuple[str, int] | None = None,
+        open_timeout: float | None = 10.0,
+        close_timeout: float = 5.0,
+        on_message: Callable[[Any], Any] | None = None,
+        on_close: Callable[[int, str], Any] | None = None,
+        extra_headers: Sequence[tuple[str, str]] = (),
+        ssl: _ssl.SSLContext | bool | None = None,
+        max_queue: int = 64,
+        sock: Any = None,
+        create_connection: Callable[..., Any] | None = None,
+        coalesce: bool = True,
+    ) -> None:
+        self._args: dict[str, Any] = dict(
+            subprotocols=subprotocols,
+            compression=compression,
+            max_message_size=max_message_size,
+            local_addr=local_addr,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+            on_message=on_message,
+            on_close=on_close,
+            extra_headers=extra_headers,
+            ssl=ssl,
+            max_queue=max_queue,
+            sock=sock,
+            create_connection=create_connection,
+            coalesce=coalesce,
+        )
         self._url = url
         self._conn: ClientConnection | None = None
 
     def __await__(self) -> Generator[Any, None, ClientConnection]:
-        return _open(self._url, **self._args).__await__()  # type: ignore[arg-type]
+        return _open(self._url, **self._args).__await__()
 
     async def __aenter__(self) -> ClientConnection:
-        self._conn = await _open(self._url, **self._args)  # type: ignore[arg-type]
+        self._conn = await _open(self._url, **self._args)
         return self._conn
 
     async def __aexit__(self, *exc_info: Any) -> None:
         if self._conn is not None:
             await self._conn.close()
-

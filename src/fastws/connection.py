@@ -131,8 +131,13 @@ class Session(asyncio.BufferedProtocol):
         else:
             self._server.handler_error(self, exc)
 
-    def feed_initial(self, data: bytes) -> None:
-        """Frames the client sent right behind its upgrade request."""
+    def data_received(self, data: bytes) -> None:
+        """Bytes handed over rather than read into our buffer: the frames a client
+        sent right behind its upgrade request, or a transport without buffered reads.
+
+        (Defining it also replaces the HTTP phase's data_received that uvloop
+        caches, which would otherwise keep that phase's objects alive.)
+        """
         if data:
             try:
                 self._reader.feed(data)
@@ -155,13 +160,25 @@ class Session(asyncio.BufferedProtocol):
         self._notify_closed()
 
     def pause_writing(self) -> None:
+        # The peer reads slower than we answer: stop reading its requests too, so
+        # replies sent from a sync on_message cannot pile up (TCP pushes back on it).
         self._paused = True
+        if self._transport is not None and self._state == OPEN and self._transport.is_reading():
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+        queue = self._queue
+        if queue is None or len(queue) < self._server.config.max_queue:
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and self._state == OPEN and not transport.is_reading():
+            transport.resume_reading()
 
     # -- wire-core callbacks --------------------------------------------------
 
@@ -319,9 +336,8 @@ class Session(asyncio.BufferedProtocol):
             self._queue_task = None
 
     def _resume_if_drained(self, queue: collections.deque[Any]) -> None:
-        if len(queue) < self._server.config.max_queue // 2 and self._transport is not None \
-                and self._state == OPEN and not self._transport.is_reading():
-            self._transport.resume_reading()
+        if len(queue) < self._server.config.max_queue // 2 and not self._paused:
+            self._resume_reading()
 
     def _wake_inbox(self) -> None:
         waiter, self._inbox_waiter = self._inbox_waiter, None

@@ -263,7 +263,9 @@ class HttpProtocol(asyncio.Protocol):
         request.headers = request.headers.packed()  # kept for the session's life: keep it small
         session = Session(server, request, server.client_address(transport, request),
                           accepted.subprotocol, accepted.deflate)
-        server.open_session(session, transport, kind, target, params, self._parser.rest)
+        initial = self._parser.rest
+        self._parser = self._transport = None  # type: ignore[assignment]  # the session owns the connection now
+        server.open_session(session, transport, kind, target, params, initial)
 
 
 class Server:
@@ -332,7 +334,7 @@ class Server:
         if kind == "handler":
             session.attach(transport, None, None, queued=True)
             session._queue_task = self.loop.create_task(self._run_handler(session, target))
-            session.feed_initial(initial)
+            session.data_received(initial)
             return
         endpoint = target()
         endpoint.session = session
@@ -352,7 +354,7 @@ class Server:
                 self.handler_error(session, exc)
                 return
         del open_result
-        session.feed_initial(initial)
+        session.data_received(initial)
 
     async def _open_async(self, session: Session, endpoint: Endpoint) -> None:
         try:

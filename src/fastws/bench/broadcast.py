@@ -43,7 +43,7 @@ class _Subscriber:
         i = message.find(MARK)
         if i < 0:
             return
-        parts = message[i + len(MARK):].split(" ", 3)
+        parts = message[i + len(MARK) :].split(" ", 3)
         if len(parts) < 3 or parts[0] != self.run_id:
             return
         seq, sent = int(parts[1]), int(parts[2])
@@ -72,11 +72,23 @@ async def subscriber_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
             state["dropped"] += 1
 
     async def open_one(local: Any) -> Any:
-        return await open_ws(target, local_addr=local, on_message=sub.on_message, on_close=on_close,
-                             max_message_size=0, open_timeout=p["open_timeout"])
+        return await open_ws(
+            target,
+            local_addr=local,
+            on_message=sub.on_message,
+            on_close=on_close,
+            max_message_size=0,
+            open_timeout=p["open_timeout"],
+        )
 
-    opener = Opener(open_one, sources=p["sources"], concurrency=p["concurrency"], max_failures=max(10, p["n"]),
-                    source_offset=p["index"] * 7919, progress=ctl.progress)
+    opener = Opener(
+        open_one,
+        sources=p["sources"],
+        concurrency=p["concurrency"],
+        max_failures=max(10, p["n"]),
+        source_offset=p["index"] * 7919,
+        progress=ctl.progress,
+    )
     conns = await opener.run(p["n"])
     state["holding"] = True
     ctl.send("ready", opened=len(conns), failures=dict(opener.failures))
@@ -93,9 +105,15 @@ async def subscriber_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     for c in conns:
         c.set_on_message(DISCARD)
     await close_all(conns, 5.0)
-    return {"histogram": sub.hist.to_json(), "per_seq": [[s, c, m] for s, (c, m) in sub.per_seq.items()],
-            "deliveries": sub.deliveries, "first": sub.first, "last": sub.last, "opened": len(conns),
-            "dropped": state["dropped"]}
+    return {
+        "histogram": sub.hist.to_json(),
+        "per_seq": [[s, c, m] for s, (c, m) in sub.per_seq.items()],
+        "deliveries": sub.deliveries,
+        "first": sub.first,
+        "last": sub.last,
+        "opened": len(conns),
+        "dropped": state["dropped"],
+    }
 
 
 async def publisher_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
@@ -150,16 +168,29 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     else:
         count = 1000
     run_id = f"{time.monotonic_ns() % 10**9:x}"
-    sources = source_addresses(args.source_addresses or max(1, math.ceil(n / 20000))) if target.loopback else []
+    sources = (
+        source_addresses(args.source_addresses or max(1, math.ceil(n / 20000))) if target.loopback else []
+    )
     common = dict(url=args.url, open_timeout=args.open_timeout, run_id=run_id, size=args.size)
-    params = [dict(common, role="subscriber", n=c, concurrency=max(1, args.concurrency // procs), sources=sources,
-                   index=i) for i, c in enumerate(split(n, procs))]
+    params = [
+        dict(
+            common,
+            role="subscriber",
+            n=c,
+            concurrency=max(1, args.concurrency // procs),
+            sources=sources,
+            index=i,
+        )
+        for i, c in enumerate(split(n, procs))
+    ]
     params.append(dict(common, role="publisher", rate=args.rate, count=count, index=procs))
     subs = list(range(procs))
     with Workers(worker, params) as workers:
         workers.start()
         ui.start("subscribing", n)
-        ready = workers.gather("ready", timeout=args.open_timeout * 3 + 60, tick=lambda: ui.update(workers.progress()))
+        ready = workers.gather(
+            "ready", timeout=args.open_timeout * 3 + 60, tick=lambda: ui.update(workers.progress())
+        )
         ui.stop()
         opened = sum(r["opened"] for r in ready[:procs])
         if opened == 0:

@@ -11,10 +11,10 @@ from typing import Any
 from fastws.bench.common import SCHEMA_VERSION, BenchError, environment, format_size, parse_size, write_json
 
 MODE_HELP = {
-    "throughput": "C connections x D messages in flight of S bytes against an echo endpoint: msgs/s and MB/s",
+    "throughput": "C connections x D messages of S bytes in flight against an echo endpoint: msgs/s, MB/s",
     "latency": "round trips with one message in flight: p50/p90/p99/p99.9/max",
-    "connections": "ramp to N idle connections over several processes; memory per connection, failures by cause",
-    "broadcast": "N subscribers on a fan-out endpoint (e.g. the demo's /chat), one publisher: delivery latency",
+    "connections": "ramp to N idle connections over several processes; memory per connection, failures",
+    "broadcast": "N subscribers on a fan-out endpoint (the demo's /chat), one publisher: delivery latency",
     "handshake": "connect + upgrade + close rate",
 }
 DEFAULTS = {  # connections, duration
@@ -25,8 +25,24 @@ DEFAULTS = {  # connections, duration
     "handshake": (16, 10.0),
 }
 # Parameters that describe a run (copied into the JSON file).
-PARAM_KEYS = ("connections", "inflight", "size", "text", "duration", "warmup", "count", "processes", "raw",
-              "compression", "source_addresses", "concurrency", "rate", "server_pid", "ramp_timeout")
+PARAM_KEYS = (
+    "client_transport",
+    "connections",
+    "inflight",
+    "size",
+    "text",
+    "duration",
+    "warmup",
+    "count",
+    "processes",
+    "raw",
+    "compression",
+    "source_addresses",
+    "concurrency",
+    "rate",
+    "server_pid",
+    "ramp_timeout",
+)
 
 
 def _size(text: str) -> int:
@@ -42,80 +58,190 @@ def _positive(kind: type) -> Any:
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
         return value
+
     return conv
 
 
 def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
     conns, duration = DEFAULTS[mode]
     p.add_argument("url", help="ws://host:port/path (with --raw: tcp://host:port)")
-    what = {"connections": "connections to open and hold", "broadcast": "subscribers",
-            "handshake": "concurrent connect/close loops"}.get(mode, "connections")
-    p.add_argument("-c", "--connections", type=_positive(int), default=conns, metavar="N",
-                   help=f"{what} (default {conns})")
-    p.add_argument("-d", "--duration", type=_positive(float), default=duration, metavar="SECONDS",
-                   help=f"{'hold time' if mode == 'connections' else 'measured time'} (default {duration:g})")
-    p.add_argument("-n", "--count", type=_positive(int), default=0, metavar="N",
-                   help="stop after this many messages / round trips / handshakes (0: duration only)")
+    what = {
+        "connections": "connections to open and hold",
+        "broadcast": "subscribers",
+        "handshake": "concurrent connect/close loops",
+    }.get(mode, "connections")
+    p.add_argument(
+        "-c",
+        "--connections",
+        type=_positive(int),
+        default=conns,
+        metavar="N",
+        help=f"{what} (default {conns})",
+    )
+    p.add_argument(
+        "-d",
+        "--duration",
+        type=_positive(float),
+        default=duration,
+        metavar="SECONDS",
+        help=f"{'hold time' if mode == 'connections' else 'measured time'} (default {duration:g})",
+    )
+    p.add_argument(
+        "-n",
+        "--count",
+        type=_positive(int),
+        default=0,
+        metavar="N",
+        help="stop after this many messages / round trips / handshakes (0: duration only)",
+    )
     if mode in ("throughput", "latency", "broadcast"):
-        p.add_argument("-s", "--size", type=_size, default=64 if mode != "broadcast" else 128, metavar="BYTES",
-                       help="message size: 64, 1K, 64KiB, 1M (default %(default)s)")
+        p.add_argument(
+            "-s",
+            "--size",
+            type=_size,
+            default=64 if mode != "broadcast" else 128,
+            metavar="BYTES",
+            help="message size: 64, 1K, 64KiB, 1M (default %(default)s)",
+        )
     if mode in ("throughput", "latency"):
         p.add_argument("--text", action="store_true", help="send text messages (default: binary)")
-        p.add_argument("-w", "--warmup", type=_positive(float), default=1.0, metavar="SECONDS",
-                       help="unmeasured time before the measurement (default 1)")
+        p.add_argument(
+            "-w",
+            "--warmup",
+            type=_positive(float),
+            default=1.0,
+            metavar="SECONDS",
+            help="unmeasured time before the measurement (default 1)",
+        )
         p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
     if mode == "throughput":
-        p.add_argument("-i", "--inflight", type=_positive(int), default=16, metavar="D",
-                       help="messages in flight per connection (default 16)")
+        p.add_argument(
+            "-i",
+            "--inflight",
+            type=_positive(int),
+            default=16,
+            metavar="D",
+            help="messages in flight per connection (default 16)",
+        )
     if mode in ("throughput", "latency", "connections"):
-        p.add_argument("--raw", action="store_true",
-                       help="plain TCP echo (no upgrade, no framing): the same byte streams, as the physical limit")
-    p.add_argument("-p", "--processes", type=_positive(int), default=0 if mode in ("connections", "broadcast") else 1,
-                   metavar="P", help="client processes (default: %s)" % (
-                       "auto" if mode in ("connections", "broadcast") else "1"))
-    p.add_argument("--source-addresses", type=_positive(int), default=0 if mode != "throughput" else 0, metavar="K",
-                   help="spread connections over K loopback source addresses 127.0.0.2... (loopback servers only;"
-                        " default: auto for connections/broadcast, none otherwise)")
-    p.add_argument("--open-timeout", type=_positive(float), default=10.0, metavar="SECONDS",
-                   help="TCP connect + upgrade timeout (default 10)")
+        p.add_argument(
+            "--raw",
+            action="store_true",
+            help="plain TCP echo (no upgrade, no framing): the same byte streams, as the physical limit",
+        )
+    p.add_argument(
+        "-p",
+        "--processes",
+        type=_positive(int),
+        default=0 if mode in ("connections", "broadcast") else 1,
+        metavar="P",
+        help="client processes (default: %s)" % ("auto" if mode in ("connections", "broadcast") else "1"),
+    )
+    p.add_argument(
+        "--source-addresses",
+        type=_positive(int),
+        default=0 if mode != "throughput" else 0,
+        metavar="K",
+        help="spread connections over K loopback source addresses 127.0.0.2... (loopback servers only;"
+        " default: auto for connections/broadcast, none otherwise)",
+    )
+    p.add_argument(
+        "--open-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="TCP connect + upgrade timeout (default 10)",
+    )
+    p.add_argument(
+        "--client-transport",
+        choices=("uvloop", "aiofastnet"),
+        default="uvloop",
+        help="socket transports of the client: uvloop's own or aiofastnet's, on the uvloop loop "
+        "(default uvloop)",
+    )
     p.add_argument("--json", metavar="FILE", help="save parameters, results and machine facts as JSON")
     p.add_argument("--label", help="name of this run in the JSON file and in plots (default: the URL)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    p.add_argument("--server-pid", type=int, action="append", metavar="PID",
-                   help="server process to watch (repeatable; its children count too): CPU use"
-                        + (", memory per connection" if mode == "connections" else ""))
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        metavar="PID",
+        help="server process to watch (repeatable; its children count too): CPU use"
+        + (", memory per connection" if mode == "connections" else ""),
+    )
     if mode in ("connections", "broadcast"):
-        p.add_argument("--concurrency", type=_positive(int), default=100, metavar="K",
-                       help="handshakes in progress at once, over all processes (default 100)")
+        p.add_argument(
+            "--concurrency",
+            type=_positive(int),
+            default=100,
+            metavar="K",
+            help="handshakes in progress at once, over all processes (default 100)",
+        )
     if mode == "connections":
-        p.add_argument("--rate", type=_positive(float), default=0.0, metavar="PER_S",
-                       help="pace the ramp at this many connections/s (default: as fast as possible)")
-        p.add_argument("--ramp-timeout", type=_positive(float), default=120.0, metavar="SECONDS",
-                       help="give up opening more after this long (default 120)")
+        p.add_argument(
+            "--rate",
+            type=_positive(float),
+            default=0.0,
+            metavar="PER_S",
+            help="pace the ramp at this many connections/s (default: as fast as possible)",
+        )
+        p.add_argument(
+            "--ramp-timeout",
+            type=_positive(float),
+            default=120.0,
+            metavar="SECONDS",
+            help="give up opening more after this long (default 120)",
+        )
     if mode in ("connections", "handshake"):
-        p.add_argument("--max-failures", type=_positive(int), default=1000, metavar="N",
-                       help="stop after this many failed attempts per process (default 1000)")
+        p.add_argument(
+            "--max-failures",
+            type=_positive(int),
+            default=1000,
+            metavar="N",
+            help="stop after this many failed attempts per process (default 1000)",
+        )
     if mode == "broadcast":
-        p.add_argument("--rate", type=_positive(float), default=100.0, metavar="PER_S",
-                       help="messages published per second (default 100; 0: as fast as possible)")
-        p.add_argument("--grace", type=_positive(float), default=5.0, metavar="SECONDS",
-                       help="wait this long after publishing for late deliveries (default 5)")
-        p.add_argument("--settle", type=_positive(float), default=0.3, metavar="SECONDS",
-                       help="pause between the last subscriber joining and the first message (default 0.3)")
+        p.add_argument(
+            "--rate",
+            type=_positive(float),
+            default=100.0,
+            metavar="PER_S",
+            help="messages published per second (default 100; 0: as fast as possible)",
+        )
+        p.add_argument(
+            "--grace",
+            type=_positive(float),
+            default=5.0,
+            metavar="SECONDS",
+            help="wait this long after publishing for late deliveries (default 5)",
+        )
+        p.add_argument(
+            "--settle",
+            type=_positive(float),
+            default=0.3,
+            metavar="SECONDS",
+            help="pause between the last subscriber joining and the first message (default 0.3)",
+        )
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench = subparsers.add_parser(
-        "bench", help="load-test any ws:// server: throughput, latency, connections, broadcast, handshake",
+        "bench",
+        help="load-test any ws:// server: throughput, latency, connections, broadcast, handshake",
         description="Load tools for any WebSocket server; results as a table and, with --json, a file "
-                    "that `fastws bench plot` draws.")
+        "that `fastws bench plot` draws.",
+    )
     modes = bench.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode, text in MODE_HELP.items():
         p = modes.add_parser(mode, help=text, description=text)
         _add_common(p, mode)
         p.set_defaults(func=bench_command)
-    plot = modes.add_parser("plot", help="draw saved --json results into a PNG",
-                            description="Draw results saved with --json (one panel per mode).")
+    plot = modes.add_parser(
+        "plot",
+        help="draw saved --json results into a PNG",
+        description="Draw results saved with --json (one panel per mode).",
+    )
     plot.add_argument("files", nargs="+", metavar="FILE.json")
     plot.add_argument("-o", "--output", default="bench.png", help="image file (default bench.png)")
     plot.add_argument("--title")
@@ -135,8 +261,11 @@ def bench_command(args: argparse.Namespace) -> int:
         print("fastws bench: --raw and --compression exclude each other", file=sys.stderr)
         return 2
     try:
+        from fastws.bench.clients import set_transport
+
+        set_transport(args.client_transport)
         results = module.run(args, ui)
-    except BenchError as exc:
+    except (BenchError, ImportError) as exc:
         ui.stop()
         print(f"fastws bench {args.mode}: {exc}", file=sys.stderr)
         return 1
@@ -153,9 +282,16 @@ def bench_command(args: argparse.Namespace) -> int:
         title += f", {args.connections} conn x {args.inflight} in flight"
     ui.table(title, module.summary(results, params))
     if args.json:
-        doc = {"tool": "fastws bench", "schema": SCHEMA_VERSION, "mode": args.mode, "label": label,
-               "url": args.url, "params": params, "results": results,
-               "meta": environment(("picows", "aiofastnet", "websockets"))}
+        doc = {
+            "tool": "fastws bench",
+            "schema": SCHEMA_VERSION,
+            "mode": args.mode,
+            "label": label,
+            "url": args.url,
+            "params": params,
+            "results": results,
+            "meta": environment(("picows", "aiofastnet", "websockets")),
+        }
         directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)
         write_json(args.json, doc)

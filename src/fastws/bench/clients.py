@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -11,24 +13,68 @@ from typing import Any
 from fastws.bench.common import Histogram, RawEcho, Target, classify_error
 from fastws.client import ClientConnection, connect
 
-DISCARD = collections.deque(maxlen=0).append  # a C callable that drops its argument
+DISCARD: Callable[[Any], None] = collections.deque(maxlen=0).append  # a C callable that drops its argument
 
 
-async def open_ws(target: Target, *, local_addr: tuple[str, int] | None = None,
-                  on_message: Callable[[Any], Any] | None = None,
-                  on_close: Callable[[int, str], Any] | None = None,
-                  max_message_size: int = 0, compression: bool = False,
-                  open_timeout: float = 10.0, coalesce: bool = True) -> ClientConnection:
-    return await connect(target.url, local_addr=local_addr, on_message=on_message, on_close=on_close,
-                         max_message_size=max_message_size, compression=compression,
-                         open_timeout=open_timeout, close_timeout=2.0, coalesce=coalesce)
+TRANSPORTS = ("uvloop", "aiofastnet")
+_transport = "uvloop"
 
 
-async def open_raw(target: Target, *, local_addr: tuple[str, int] | None = None,
-                   open_timeout: float = 10.0) -> RawEcho:
+def set_transport(name: str) -> None:
+    """Which transports the client sockets use (set in the parent before the workers fork)."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown client transport {name!r}")
+    if name == "aiofastnet":
+        import aiofastnet  # noqa: F401 - fail here, with a clear message, if it is missing
+    global _transport
+    _transport = name
+
+
+def _create_connection() -> Callable[..., Any]:
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(
-        loop.create_connection(RawEcho, target.host, target.port, local_addr=local_addr), open_timeout)
+    if _transport == "aiofastnet":
+        import aiofastnet
+
+        return functools.partial(aiofastnet.create_connection, loop)
+    return loop.create_connection
+
+
+async def open_ws(
+    target: Target,
+    *,
+    local_addr: tuple[str, int] | None = None,
+    on_message: Callable[[Any], Any] | None = None,
+    on_close: Callable[[int, str], Any] | None = None,
+    max_message_size: int = 0,
+    compression: bool = False,
+    open_timeout: float = 10.0,
+    coalesce: bool = True,
+) -> ClientConnection:
+    return await connect(
+        target.url,
+        local_addr=local_addr,
+        on_message=on_message,
+        on_close=on_close,
+        max_message_size=max_message_size,
+        compression=compression,
+        open_timeout=open_timeout,
+        close_timeout=2.0,
+        coalesce=coalesce,
+        create_connection=None if _transport == "uvloop" else _create_connection(),
+    )
+
+
+async def open_raw(
+    target: Target, *, local_addr: tuple[str, int] | None = None, open_timeout: float = 10.0
+) -> RawEcho:
+    create = _create_connection()
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(open_timeout):
+            _, proto = await create(RawEcho, target.host, target.port, local_addr=local_addr)
+    else:  # pragma: no cover - Python 3.10
+        _, proto = await asyncio.wait_for(
+            create(RawEcho, target.host, target.port, local_addr=local_addr), open_timeout
+        )
     return proto
 
 
@@ -39,10 +85,18 @@ class Opener:
     failures by cause in ``failures``, and (time, open count) points in ``timeline``.
     """
 
-    def __init__(self, open_one: Callable[[tuple[str, int] | None], Awaitable[Any]], *,
-                 sources: Sequence[str] = (), concurrency: int = 100, max_failures: int = 1000,
-                 deadline: float | None = None, rate: float = 0.0, progress: Callable[[int], None] | None = None,
-                 source_offset: int = 0) -> None:
+    def __init__(
+        self,
+        open_one: Callable[[tuple[str, int] | None], Awaitable[Any]],
+        *,
+        sources: Sequence[str] = (),
+        concurrency: int = 100,
+        max_failures: int = 1000,
+        deadline: float | None = None,
+        rate: float = 0.0,
+        progress: Callable[[int], None] | None = None,
+        source_offset: int = 0,
+    ) -> None:
         self.open_one = open_one
         self.sources = list(sources)
         self.concurrency = max(1, concurrency)
@@ -107,8 +161,12 @@ class Opener:
                 cause = classify_error(exc)
                 self.failures[cause] += 1
                 if self.first_failure is None:
-                    self.first_failure = {"cause": cause, "error": str(exc)[:200], "open": len(self.opened),
-                                          "t": round(time.monotonic() - self.started, 3)}
+                    self.first_failure = {
+                        "cause": cause,
+                        "error": str(exc)[:200],
+                        "open": len(self.opened),
+                        "t": round(time.monotonic() - self.started, 3),
+                    }
                 if self.failed >= self.max_failures:
                     self.stopped_by = f"{self.failed} failures"
                 continue
@@ -123,7 +181,7 @@ class Opener:
 
 async def close_all(conns: Sequence[Any], timeout: float = 5.0) -> int:
     """Closing handshake on every WebSocket connection (abort raw ones); return how many did not finish."""
-    waits = []
+    waits: list[Awaitable[Any]] = []
     for c in conns:
         if isinstance(c, ClientConnection):
             if c.state != 3:

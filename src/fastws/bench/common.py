@@ -26,9 +26,27 @@ from urllib.parse import urlsplit
 from fastws.errors import HandshakeError
 
 __all__ = [
-    "BenchError", "Histogram", "parse_size", "format_size", "Target", "parse_target", "classify_error",
-    "rss_bytes", "cpu_seconds", "environment", "Workers", "Ctl", "RawEcho", "source_addresses",
-    "raise_nofile", "new_loop", "write_json", "SCHEMA_VERSION", "process_cpu", "wait_until", "ServerCPU",
+    "BenchError",
+    "Histogram",
+    "parse_size",
+    "format_size",
+    "Target",
+    "parse_target",
+    "classify_error",
+    "rss_bytes",
+    "cpu_seconds",
+    "environment",
+    "Workers",
+    "Ctl",
+    "RawEcho",
+    "source_addresses",
+    "raise_nofile",
+    "new_loop",
+    "write_json",
+    "SCHEMA_VERSION",
+    "process_cpu",
+    "wait_until",
+    "ServerCPU",
 ]
 
 SCHEMA_VERSION = 1
@@ -162,7 +180,11 @@ class Histogram:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "unit": "ns", "count": self.total, "min": self.min, "max": self.max, "sum": self.sum,
+            "unit": "ns",
+            "count": self.total,
+            "min": self.min,
+            "max": self.max,
+            "sum": self.sum,
             "buckets": [[*self.bounds(i), c] for i, c in enumerate(self.counts) if c],
         }
 
@@ -383,7 +405,9 @@ class ServerCPU:
     def stop(self) -> float | None:
         if self.pids and self._t0:
             elapsed = time.monotonic() - self._t0
-            self.percent = round(100 * (cpu_seconds(self.pids) - self._c0) / elapsed, 1) if elapsed > 0 else None
+            self.percent = (
+                round(100 * (cpu_seconds(self.pids) - self._c0) / elapsed, 1) if elapsed > 0 else None
+            )
         return self.percent
 
 
@@ -448,9 +472,14 @@ class Ctl:
         if self._conn.poll():
             return self._conn.recv()
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[None] = loop.create_future()
         fd = self._conn.fileno()
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+
+        def readable() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             await fut
         finally:
@@ -458,8 +487,13 @@ class Ctl:
         return self._conn.recv()
 
 
-def _worker_main(fn: WorkerFn, params: dict[str, Any], conn: multiprocessing.connection.Connection,
-                 counters: Any, index: int) -> None:
+def _worker_main(
+    fn: WorkerFn,
+    params: dict[str, Any],
+    conn: multiprocessing.connection.Connection,
+    counters: Any,
+    index: int,
+) -> None:
     try:
         raise_nofile()
         loop = new_loop()
@@ -474,7 +508,13 @@ def _worker_main(fn: WorkerFn, params: dict[str, Any], conn: multiprocessing.con
         pass
     except BaseException as exc:  # report everything: the parent explains it
         try:
-            conn.send({"type": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+            conn.send(
+                {
+                    "type": "error",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                }
+            )
         except Exception:
             pass
     finally:
@@ -485,15 +525,22 @@ class Workers:
     """Forked worker processes running ``fn(params, ctl)`` each; the parent talks to them by message."""
 
     def __init__(self, fn: WorkerFn, params: Sequence[dict[str, Any]]) -> None:
-        ctx = multiprocessing.get_context("fork")
+        try:
+            ctx = multiprocessing.get_context("fork")
+        except ValueError:  # pragma: no cover - Windows
+            raise BenchError("fastws bench needs fork() (Linux, macOS)") from None
         self.n = len(params)
         self.counters = ctx.Array("d", self.n, lock=False)
         self._conns: list[multiprocessing.connection.Connection] = []
         self._procs: list[Any] = []
         for i, p in enumerate(params):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(fn, p, child, self.counters, i), daemon=True,
-                               name=f"fastws-bench-{i}")
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(fn, p, child, self.counters, i),
+                daemon=True,
+                name=f"fastws-bench-{i}",
+            )
             self._conns.append(parent)
             self._procs.append((proc, child))
         self._pending: list[list[dict[str, Any]]] = [[] for _ in params]
@@ -505,7 +552,7 @@ class Workers:
     def start(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        for proc, child in self._procs:
+        for proc, _ in self._procs:
             proc.start()
         for _, child in self._procs:
             child.close()  # only the worker keeps its end: EOF tells us it died
@@ -523,8 +570,13 @@ class Workers:
     def send(self, index: int, type: str, **data: Any) -> None:  # noqa: A002
         self._conns[index].send({"type": type, **data})
 
-    def gather(self, type: str, timeout: float | None = None, tick: Callable[[], None] | None = None,
-               which: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    def gather(
+        self,
+        type: str,
+        timeout: float | None = None,
+        tick: Callable[[], None] | None = None,
+        which: Sequence[int] | None = None,
+    ) -> list[dict[str, Any]]:
         """Wait for one message of ``type`` from each worker (in ``which``); call ``tick`` about 10x/s."""
         which = list(range(self.n)) if which is None else list(which)
         got: dict[int, dict[str, Any]] = {}
@@ -550,7 +602,7 @@ class Workers:
             for conn in ready:
                 i = self._conns.index(conn)  # type: ignore[arg-type]
                 try:
-                    msg = conn.recv()  # type: ignore[union-attr]
+                    msg = self._conns[i].recv()
                 except (EOFError, OSError):
                     code = self._procs[i][0].exitcode
                     raise BenchError(f"client worker {i} died (exit code {code})") from None
@@ -596,17 +648,23 @@ def split(total: int, parts: int) -> list[int]:
 
 
 class RawEcho(asyncio.BufferedProtocol):
-    """Plain TCP stream: whatever comes back is written back (keeps the bytes in flight constant).
+    """Plain TCP stream client; ``received`` counts bytes, a "message" of size S is every S bytes.
 
-    ``received`` counts bytes; a "message" of size S is every S bytes received.
-    With ``echo`` False it only counts (and ``on_data`` may react instead).
+    With ``echo`` set (and ``size``), every complete S bytes that come back are
+    answered with S new bytes, as the WebSocket client answers every whole
+    message: the bytes in flight stay constant and the stream is not chopped
+    into ever smaller pieces.  With ``echo`` False it only counts (and
+    ``on_data`` may react instead).
     """
 
     def __init__(self) -> None:
         self.buf = bytearray(262144)
         self.view = memoryview(self.buf)
         self.received = 0
-        self.echo = True
+        self.size = 0
+        self._pending = 0
+        self._blocks: dict[int, bytes] = {}
+        self.echo = False
         self.on_data: Callable[[int], None] | None = None
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
@@ -626,8 +684,14 @@ class RawEcho(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.received += nbytes
         if self.echo:
-            assert self.transport is not None
-            self.transport.write(bytes(self.view[:nbytes]))  # a copy: the buffer is reused
+            pending = self._pending + nbytes
+            whole, self._pending = divmod(pending, self.size)
+            if whole:
+                block = self._blocks.get(whole)
+                if block is None:
+                    block = self._blocks[whole] = bytes(self.size * whole)
+                assert self.transport is not None
+                self.transport.write(block)  # immutable and reused: uvloop may keep it, nobody changes it
         elif self.on_data is not None:
             self.on_data(nbytes)
 

@@ -61,11 +61,11 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
             state["dropped"] += 1
 
     if p["raw"]:
+
         async def open_one(local: Any) -> Any:
-            proto = await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
-            proto.echo = False
-            return proto
+            return await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
     else:
+
         async def open_one(local: Any) -> Any:
             return await open_ws(target, local_addr=local, on_close=on_close, open_timeout=p["open_timeout"])
 
@@ -73,13 +73,27 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     cmd = await ctl.recv()
     if cmd["type"] != "ramp":
         return {}
-    opener = Opener(open_one, sources=p["sources"], concurrency=p["concurrency"], max_failures=p["max_failures"],
-                    deadline=time.monotonic() + p["ramp_timeout"], rate=p["rate"], progress=ctl.progress,
-                    source_offset=p["index"] * 7919)
+    opener = Opener(
+        open_one,
+        sources=p["sources"],
+        concurrency=p["concurrency"],
+        max_failures=p["max_failures"],
+        deadline=time.monotonic() + p["ramp_timeout"],
+        rate=p["rate"],
+        progress=ctl.progress,
+        source_offset=p["index"] * 7919,
+    )
     conns = await opener.run(p["connections"])
-    ctl.send("ramped", opened=len(conns), failures=dict(opener.failures), seconds=opener.finished - opener.started,
-             histogram=opener.latency.to_json(), timeline=opener.timeline, stopped_by=opener.stopped_by,
-             first_failure=opener.first_failure)
+    ctl.send(
+        "ramped",
+        opened=len(conns),
+        failures=dict(opener.failures),
+        seconds=opener.finished - opener.started,
+        histogram=opener.latency.to_json(),
+        timeline=opener.timeline,
+        stopped_by=opener.stopped_by,
+        first_failure=opener.first_failure,
+    )
     state["holding"] = True
     cmd = await ctl.recv()  # "close"
     state["holding"] = False
@@ -99,7 +113,7 @@ def _merge_timelines(timelines: list[list[list[float]]]) -> list[list[float]]:
     out = []
     pos = [0] * len(timelines)
     for t in times:
-        total = 0
+        total = 0.0
         for i, tl in enumerate(timelines):
             while pos[i] + 1 < len(tl) and tl[pos[i] + 1][0] <= t:
                 pos[i] += 1
@@ -114,15 +128,28 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     procs = args.processes or auto_processes(n)
     procs = max(1, min(procs, n))
     if math.ceil(n / procs) > PER_PROCESS:
-        ui.warn(f"{math.ceil(n / procs)} connections per process is close to the open-file limit; "
-                f"use --processes {math.ceil(n / PER_PROCESS)}")
+        ui.warn(
+            f"{math.ceil(n / procs)} connections per process is close to the open-file limit; "
+            f"use --processes {math.ceil(n / PER_PROCESS)}"
+        )
     k = args.source_addresses or max(4, math.ceil(n / 20000))
     sources = source_addresses(k) if target.loopback else []
     pids = args.server_pid or []
-    params = [dict(url=args.url, raw=args.raw, connections=c, concurrency=max(1, args.concurrency // procs),
-                   rate=args.rate / procs if args.rate else 0.0, ramp_timeout=args.ramp_timeout,
-                   max_failures=args.max_failures, sources=sources, open_timeout=args.open_timeout, index=i)
-              for i, c in enumerate(split(n, procs))]
+    params = [
+        dict(
+            url=args.url,
+            raw=args.raw,
+            connections=c,
+            concurrency=max(1, args.concurrency // procs),
+            rate=args.rate / procs if args.rate else 0.0,
+            ramp_timeout=args.ramp_timeout,
+            max_failures=args.max_failures,
+            sources=sources,
+            open_timeout=args.open_timeout,
+            index=i,
+        )
+        for i, c in enumerate(split(n, procs))
+    ]
     server: dict[str, Any] = {"pids": pids}
     with Workers(worker, params) as workers:
         workers.start()
@@ -155,7 +182,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         ui.stop()
         if pids:
             server["rss_after_hold"] = rss_bytes(pids)
-            server["cpu_percent_during_hold"] = round(100 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0), 2)
+            server["cpu_percent_during_hold"] = round(
+                100 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0), 2
+            )
         workers.send_all("close")
         results = [r["result"] for r in workers.gather("result", timeout=60)]
     failures: dict[str, int] = {}

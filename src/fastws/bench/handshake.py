@@ -13,8 +13,20 @@ import time
 from typing import Any
 
 from fastws.bench.clients import open_ws
-from fastws.bench.common import BenchError, Ctl, Histogram, Workers, classify_error, parse_target, source_addresses, split
-from fastws.bench.throughput import _sleep_until
+from fastws.bench.common import (
+    BenchError,
+    Ctl,
+    Histogram,
+    ServerCPU,
+    Workers,
+    classify_error,
+    parse_target,
+    process_cpu,
+    source_addresses,
+    split,
+    wait_until,
+)
+from fastws.bench.throughput import _sleep_until, cpu_rows
 from fastws.bench.ui import UI, num
 
 
@@ -56,11 +68,18 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
             done += 1
             ctl.progress(done)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), process_cpu()
     await asyncio.gather(*(loop_one() for _ in range(p["concurrency"])))
     seconds = time.perf_counter() - t0
-    return {"done": done, "seconds": seconds, "histogram": hist.to_json(), "failures": dict(failures),
-            "unclean_close": unclean}
+    cpu = round(100 * (process_cpu() - cpu0) / seconds, 1) if seconds > 0 else 0.0
+    return {
+        "done": done,
+        "seconds": seconds,
+        "cpu_percent": cpu,
+        "histogram": hist.to_json(),
+        "failures": dict(failures),
+        "unclean_close": unclean,
+    }
 
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
@@ -69,8 +88,18 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     conc = split(args.connections, procs)
     sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
     per_count = math.ceil(args.count / procs) if args.count else 0
-    params = [dict(url=args.url, concurrency=c, count=per_count, sources=sources, open_timeout=args.open_timeout,
-                   max_failures=args.max_failures, index=i) for i, c in enumerate(conc)]
+    params = [
+        dict(
+            url=args.url,
+            concurrency=c,
+            count=per_count,
+            sources=sources,
+            open_timeout=args.open_timeout,
+            max_failures=args.max_failures,
+            index=i,
+        )
+        for i, c in enumerate(conc)
+    ]
     with Workers(worker, params) as workers:
         workers.start()
         workers.gather("ready", timeout=30)
@@ -81,6 +110,11 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         def tick() -> None:
             ui.update(min(args.duration, time.monotonic() - start), f"{num(workers.progress())} done")
 
+        server_cpu = ServerCPU(args.server_pid)
+        wait_until(start, tick)
+        server_cpu.start()
+        wait_until(start + args.duration, tick)
+        server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=args.duration + 60, tick=tick)]
     ui.stop()
     hist = Histogram()
@@ -101,6 +135,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "histogram": hist.to_json(),
         "failures": failures,
         "unclean_close": sum(r["unclean_close"] for r in results),
+        "client_cpu_percent": [r["cpu_percent"] for r in results],
+        "server_cpu_percent": server_cpu.percent,
     }
 
 
@@ -117,4 +153,4 @@ def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]
         rows.append(("failures", ", ".join(f"{k}: {v}" for k, v in res["failures"].items())))
     if res["unclean_close"]:
         rows.append(("close without close frame", num(res["unclean_close"])))
-    return rows
+    return rows + cpu_rows(res)

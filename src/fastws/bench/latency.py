@@ -13,16 +13,37 @@ import time
 from typing import Any
 
 from fastws.bench.clients import DISCARD, Opener, close_all, open_raw, open_ws
-from fastws.bench.common import BenchError, Ctl, Histogram, Workers, parse_target, source_addresses, split
-from fastws.bench.throughput import _sleep_until, payload_for
+from fastws.bench.common import (
+    BenchError,
+    Ctl,
+    Histogram,
+    ServerCPU,
+    Workers,
+    parse_target,
+    process_cpu,
+    source_addresses,
+    split,
+    wait_until,
+)
+from fastws.bench.throughput import _sleep_until, cpu_rows, payload_for
 from fastws.bench.ui import UI, num
 
 
 class _PingPong:
     """Drives one connection: send, wait for the echo, record, send again."""
 
-    __slots__ = ("send", "payload", "hist", "sent_at", "measure_from", "running", "need", "size", "left",
-                 "count")
+    __slots__ = (
+        "send",
+        "payload",
+        "hist",
+        "sent_at",
+        "measure_from",
+        "running",
+        "need",
+        "size",
+        "left",
+        "count",
+    )
 
     def __init__(self, send: Any, payload: Any, hist: Histogram, size: int) -> None:
         self.send = send
@@ -65,15 +86,27 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     hist = Histogram()
 
     if raw:
+
         async def open_one(local: Any) -> Any:
             return await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
     else:
-        async def open_one(local: Any) -> Any:
-            return await open_ws(target, local_addr=local, max_message_size=0, compression=p["compression"],
-                                 open_timeout=p["open_timeout"])
 
-    opener = Opener(open_one, sources=p["sources"], concurrency=64, max_failures=max(10, p["connections"]),
-                    source_offset=p["index"] * 7919)
+        async def open_one(local: Any) -> Any:
+            return await open_ws(
+                target,
+                local_addr=local,
+                max_message_size=0,
+                compression=p["compression"],
+                open_timeout=p["open_timeout"],
+            )
+
+    opener = Opener(
+        open_one,
+        sources=p["sources"],
+        concurrency=64,
+        max_failures=max(10, p["connections"]),
+        source_offset=p["index"] * 7919,
+    )
     conns = await opener.run(p["connections"])
     ctl.send("ready", opened=len(conns), failures=dict(opener.failures))
     cmd = await ctl.recv()
@@ -84,7 +117,6 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     for c in conns:
         if raw:
             d = _PingPong(c.transport.write, payload, hist, p["size"])
-            c.echo = False
             c.on_data = d.on_raw
         else:
             d = _PingPong(c.writer.send, payload, hist, p["size"])
@@ -103,10 +135,10 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
 
     reporter = asyncio.ensure_future(report())
     await _sleep_until(cmd["t_measure"])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), process_cpu()
     while time.monotonic() < cmd["t_end"] and any(d.running for d in drivers):
         await asyncio.sleep(min(0.01, max(0.0, cmd["t_end"] - time.monotonic())))
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), process_cpu()
     for d in drivers:
         d.running = False
     reporter.cancel()
@@ -116,7 +148,12 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
             c.set_on_message(DISCARD)
     await asyncio.sleep(0.02)
     await close_all(conns, 2.0)
-    return {"histogram": hist.to_json(), "seconds": t1 - t0, "opened": len(conns)}
+    return {
+        "histogram": hist.to_json(),
+        "seconds": t1 - t0,
+        "opened": len(conns),
+        "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1) if t1 > t0 else 0.0,
+    }
 
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
@@ -125,9 +162,21 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     counts = split(args.connections, procs)
     sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
     per_count = math.ceil(args.count / procs) if args.count else 0
-    params = [dict(url=args.url, raw=args.raw, size=args.size, text=args.text, compression=args.compression,
-                   connections=n, count=per_count, sources=sources, open_timeout=args.open_timeout, index=i)
-              for i, n in enumerate(counts)]
+    params = [
+        dict(
+            url=args.url,
+            raw=args.raw,
+            size=args.size,
+            text=args.text,
+            compression=args.compression,
+            connections=n,
+            count=per_count,
+            sources=sources,
+            open_timeout=args.open_timeout,
+            index=i,
+        )
+        for i, n in enumerate(counts)
+    ]
     with Workers(worker, params) as workers:
         workers.start()
         ready = workers.gather("ready", timeout=args.open_timeout * 3 + 30)
@@ -147,6 +196,11 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         def tick() -> None:
             ui.update(min(total, time.monotonic() - start), f"{num(workers.progress())} round trips")
 
+        server_cpu = ServerCPU(args.server_pid)
+        wait_until(start + args.warmup, tick)
+        server_cpu.start()
+        wait_until(start + total, tick)
+        server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=total + 60, tick=tick)]
     ui.stop()
     hist = Histogram()
@@ -163,12 +217,26 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "histogram": hist.to_json(),
         "connections_opened": opened,
         "failures": failures,
+        "client_cpu_percent": [r.get("cpu_percent", 0.0) for r in results],
+        "server_cpu_percent": server_cpu.percent,
     }
 
 
 def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:
     lat = res["latency_us"]
-    rows = [(name, f"{lat[key]:,.1f} µs") for name, key in
-            (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p99_9"), ("max", "max"), ("mean", "mean"))]
-    rows += [("round trips", num(res["round_trips"])), ("round trips/s", f"{num(res['round_trips_per_s'])} /s")]
-    return rows
+    rows = [
+        (name, f"{lat[key]:,.1f} µs")
+        for name, key in (
+            ("p50", "p50"),
+            ("p90", "p90"),
+            ("p99", "p99"),
+            ("p99.9", "p99_9"),
+            ("max", "max"),
+            ("mean", "mean"),
+        )
+    ]
+    rows += [
+        ("round trips", num(res["round_trips"])),
+        ("round trips/s", f"{num(res['round_trips_per_s'])} /s"),
+    ]
+    return rows + cpu_rows(res)

@@ -16,6 +16,16 @@ from typing import Any
 
 from fastws.bench.common import BenchError, format_size
 
+_COLORS: dict[str, str] = {}  # one colour per label, the same in every panel
+
+
+def _color(label: str) -> str:
+    base = label.split(" (")[0]
+    if base not in _COLORS:
+        _COLORS[base] = f"C{len(_COLORS) % 10}"
+    return _COLORS[base]
+
+
 PERCENTILES = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p99_9"), ("max", "max"))
 
 
@@ -39,8 +49,9 @@ def _workload(d: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _grouped_bars(ax: Any, groups: list[str], labels: list[str], value: dict[tuple[str, str], float],
-                  log: bool = False) -> None:
+def _grouped_bars(
+    ax: Any, groups: list[str], labels: list[str], value: dict[tuple[str, str], float], log: bool = False
+) -> None:
     width = 0.8 / max(1, len(labels))
     for j, label in enumerate(labels):
         xs, ys = [], []
@@ -48,7 +59,7 @@ def _grouped_bars(ax: Any, groups: list[str], labels: list[str], value: dict[tup
             if (g, label) in value:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(value[(g, label)])
-        bars = ax.bar(xs, ys, width, label=label)
+        bars = ax.bar(xs, ys, width, label=label, color=_color(label))
         if len(labels) * len(groups) <= 24:
             ax.bar_label(bars, labels=[_short(y) for y in ys], fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(groups)))
@@ -79,11 +90,13 @@ def _throughput(ax: Any, runs: list[dict[str, Any]]) -> None:
 
 
 def _latency(ax: Any, runs: list[dict[str, Any]]) -> None:
-    labels = [f"{d['label']} ({_workload(d)})" if len({_workload(r) for r in runs}) > 1 else d["label"]
-              for d in runs]
+    labels = [
+        f"{d['label']} ({_workload(d)})" if len({_workload(r) for r in runs}) > 1 else d["label"]
+        for d in runs
+    ]
     groups = [name for name, _ in PERCENTILES]
     values = {}
-    for label, d in zip(labels, runs):
+    for label, d in zip(labels, runs, strict=True):
         for name, key in PERCENTILES:
             values[(name, label)] = d["results"]["latency_us"][key]
     _grouped_bars(ax, groups, list(dict.fromkeys(labels)), values, log=True)
@@ -100,7 +113,7 @@ def _connections(ax: Any, runs: list[dict[str, Any]]) -> None:
         if per is not None:
             label += f" ({per:,.0f} B/conn)"
         label += f", {res.get('handshakes_per_s', 0):,.0f} conn/s"
-        ax.plot([t for t, _ in ramp], [n for _, n in ramp], marker=".", label=label)
+        ax.plot([t for t, _ in ramp], [n for _, n in ramp], marker=".", label=label, color=_color(d["label"]))
     ax.set_title("Connection ramp")
     ax.set_xlabel("seconds")
     ax.set_ylabel("open connections")
@@ -116,12 +129,17 @@ def _broadcast(ax: Any, runs: list[dict[str, Any]]) -> None:
         r = d["results"]
         label = f"{d['label']} ({r['subscribers']} subs)"
         labels.append(label)
-        for g, src, key in (("delivery p50", "latency_us", "p50"), ("delivery p99", "latency_us", "p99"),
-                            ("delivery max", "latency_us", "max"), ("all p50", "fanout_us", "p50"),
-                            ("all p99", "fanout_us", "p99"), ("all max", "fanout_us", "max")):
+        for g, src, key in (
+            ("delivery p50", "latency_us", "p50"),
+            ("delivery p99", "latency_us", "p99"),
+            ("delivery max", "latency_us", "max"),
+            ("all p50", "fanout_us", "p50"),
+            ("all p99", "fanout_us", "p99"),
+            ("all max", "fanout_us", "max"),
+        ):
             values[(g, label)] = max(r[src][key], 0.001)
     _grouped_bars(ax, groups, list(dict.fromkeys(labels)), values, log=True)
-    ax.set_title("Broadcast: publish -> subscriber")
+    ax.set_title("Broadcast: publish -> subscriber" + (f" — {labels[0]}" if len(set(labels)) == 1 else ""))
     ax.set_ylabel("µs")
 
 
@@ -133,8 +151,13 @@ def _handshake(ax: Any, runs: list[dict[str, Any]]) -> None:
     ax.set_ylabel("per second")
 
 
-PANELS = {"throughput": _throughput, "latency": _latency, "connections": _connections,
-          "broadcast": _broadcast, "handshake": _handshake}
+PANELS = {
+    "throughput": _throughput,
+    "latency": _latency,
+    "connections": _connections,
+    "broadcast": _broadcast,
+    "handshake": _handshake,
+}
 
 
 def plot(files: Sequence[str], output: str, title: str | None = None) -> str:
@@ -145,6 +168,9 @@ def plot(files: Sequence[str], output: str, title: str | None = None) -> str:
     import matplotlib.pyplot as plt
 
     runs = [load(f) for f in files]
+    _COLORS.clear()
+    for d in runs:
+        _color(d["label"])
     by_mode: dict[str, list[dict[str, Any]]] = {}
     for d in runs:
         by_mode.setdefault(d["mode"], []).append(d)
@@ -154,9 +180,9 @@ def plot(files: Sequence[str], output: str, title: str | None = None) -> str:
     cols = 1 if len(modes) == 1 else 2
     rows = math.ceil(len(modes) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, 4.8 * rows), squeeze=False)
-    for ax, mode in zip(axes.flat, modes):
+    for ax, mode in zip(axes.flat, modes):  # noqa: B905 - more axes than modes
         PANELS[mode](ax, by_mode[mode])
-    for ax in list(axes.flat)[len(modes):]:
+    for ax in list(axes.flat)[len(modes) :]:
         ax.set_visible(False)
     meta = runs[0].get("meta", {})
     fig.suptitle(title or f"fastws bench — {meta.get('cpu', '')}, {meta.get('python', '')}", fontsize=10)

@@ -4,8 +4,11 @@ The client echoes whatever comes back: the wire core's reader hands every
 message straight to the writer's C ``send`` (``reader.on_message =
 writer.send``), so no Python code runs per message on the client, and the
 frames produced while one read is parsed leave in one write.  The wire core
-counts the messages.  With ``--raw`` the same byte streams go over plain TCP
-(no upgrade, no framing): every S bytes back count as one message.
+counts the messages.  Messages of 64 KiB and more instead resend one
+pre-masked frame per echo received (the same masking key each time: servers
+cannot tell, and the client's per-byte work drops to the one copy the reader
+makes).  With ``--raw`` the same byte streams go over plain TCP (no upgrade,
+no framing): every S bytes back count as one message.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import time
 from typing import Any
 
+from fastws._frame import OP_BINARY, OP_TEXT, encode_frame
 from fastws.bench.clients import DISCARD, Opener, close_all, open_raw, open_ws
 from fastws.bench.common import (
     BenchError,
@@ -28,6 +32,20 @@ from fastws.bench.common import (
     wait_until,
 )
 from fastws.bench.ui import UI, num
+
+BIG = 65536  # from this size on, a message is worth a Python call (and not worth a copy)
+
+
+class _Resend:
+    """on_message for big messages: write the same pre-encoded frame again."""
+
+    __slots__ = ("write", "frame")
+
+    def __init__(self, write: Any, frame: bytes) -> None:
+        self.write, self.frame = write, frame
+
+    def __call__(self, message: Any) -> None:
+        self.write(self.frame)
 
 
 def payload_for(size: int, text: bool) -> str | bytes:
@@ -56,19 +74,33 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
 
     stopping = False
     if raw:
+
         async def open_one(local: Any) -> Any:
             return await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
     else:
+
         async def open_one(local: Any) -> Any:
-            return await open_ws(target, local_addr=local, on_close=on_close, compression=p["compression"],
-                                 max_message_size=0, open_timeout=p["open_timeout"], coalesce=coalesce)
+            return await open_ws(
+                target,
+                local_addr=local,
+                on_close=on_close,
+                compression=p["compression"],
+                max_message_size=0,
+                open_timeout=p["open_timeout"],
+                coalesce=coalesce,
+            )
 
     # Small messages: coalesce the echoes of one read into one write.  Big ones: write each
     # frame as it is built (saves copying megabytes into the coalescing buffer and out again).
-    coalesce = size < 65536
+    coalesce = size < BIG
 
-    opener = Opener(open_one, sources=p["sources"], concurrency=64, max_failures=max(10, p["connections"]),
-                    source_offset=p["index"] * 7919)
+    opener = Opener(
+        open_one,
+        sources=p["sources"],
+        concurrency=64,
+        max_failures=max(10, p["connections"]),
+        source_offset=p["index"] * 7919,
+    )
     conns = await opener.run(p["connections"])
     # One checked round trip per connection: the server must echo exactly what it got.
     bad = 0
@@ -94,12 +126,22 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
 
     # Start the pipelines: D messages per connection, then echo what comes back.
     if raw:
-        block = payload * inflight  # type: ignore[operator]
+        block = payload * inflight
         for c in conns:
+            c.size = size
+            c.echo = True
             c.transport.write(block)
+    elif size >= BIG and not p["compression"]:
+        # Big messages: resend one pre-masked frame (same masking key every time, which no server
+        # can tell) so the client's only per-byte work is the copy the reader makes of each echo.
+        frame = encode_frame(OP_TEXT if p["text"] else OP_BINARY, payload, mask=True)
+        for c in conns:
+            c.set_on_message(_Resend(c.transport.write, frame))
+            for _ in range(inflight):
+                c.transport.write(frame)
     else:
         for c in conns:
-            c.set_on_message(c.writer.send)
+            c.set_on_message(c.writer.send)  # the echo goes straight back: C to C, no Python per message
             for _ in range(inflight):
                 c.writer.send(payload)
 
@@ -129,9 +171,15 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     ctl.progress(c1)
     await asyncio.sleep(0.05)  # let the in-flight messages land before the closing handshake
     unfinished = await close_all(conns, 2.0)
-    return {"messages": c1 - c0, "seconds": t1 - t0, "warmup_messages": c0 - base, "dropped": dropped,
-            "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1) if t1 > t0 else 0.0,
-            "unclosed": unfinished, "opened": len(conns)}
+    return {
+        "messages": c1 - c0,
+        "seconds": t1 - t0,
+        "warmup_messages": c0 - base,
+        "dropped": dropped,
+        "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1) if t1 > t0 else 0.0,
+        "unclosed": unfinished,
+        "opened": len(conns),
+    }
 
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
@@ -140,14 +188,28 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     counts = split(args.connections, procs)
     sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
     per_count = math.ceil(args.count / procs) if args.count else 0
-    params = [dict(url=args.url, raw=args.raw, size=args.size, inflight=args.inflight, text=args.text,
-                   compression=args.compression, connections=n, count=per_count, sources=sources,
-                   open_timeout=args.open_timeout, index=i) for i, n in enumerate(counts)]
+    params = [
+        dict(
+            url=args.url,
+            raw=args.raw,
+            size=args.size,
+            inflight=args.inflight,
+            text=args.text,
+            compression=args.compression,
+            connections=n,
+            count=per_count,
+            sources=sources,
+            open_timeout=args.open_timeout,
+            index=i,
+        )
+        for i, n in enumerate(counts)
+    ]
     with Workers(worker, params) as workers:
         workers.start()
         ui.start("connecting", args.connections, expected_seconds=args.warmup + args.duration)
-        ready = workers.gather("ready", timeout=args.open_timeout * 3 + 30,
-                               tick=lambda: ui.update(workers.progress()))
+        ready = workers.gather(
+            "ready", timeout=args.open_timeout * 3 + 30, tick=lambda: ui.update(workers.progress())
+        )
         opened = sum(r["opened"] for r in ready)
         failures: dict[str, int] = {}
         for r in ready:
@@ -159,8 +221,10 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             raise BenchError(f"no connection to {args.url} could be opened: {failures or 'unknown error'}")
         if bad:
             workers.send_all("stop")
-            raise BenchError(f"{bad} connection(s) did not get their message echoed back unchanged: "
-                             f"is {args.url} an echo endpoint?")
+            raise BenchError(
+                f"{bad} connection(s) did not get their message echoed back unchanged: "
+                f"is {args.url} an echo endpoint?"
+            )
         start = time.monotonic() + 0.05
         t_measure = start + args.warmup
         t_end = t_measure + args.duration

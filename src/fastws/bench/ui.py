@@ -40,13 +40,19 @@ class UI:
         if expected_seconds is not None and expected_seconds < self.min_progress_seconds:
             return
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=self.console, transient=True)
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
         self._task = self._progress.add_task(description, total=total or None, info="")
         self._progress.start()
 
-    def update(self, completed: float, info: str = "", description: str | None = None,
-               total: float | None = None) -> None:
+    def update(
+        self, completed: float, info: str = "", description: str | None = None, total: float | None = None
+    ) -> None:
         if self._progress is None:
             return
         now = time.monotonic()

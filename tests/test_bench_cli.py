@@ -1,0 +1,289 @@
+"""`fastws bench`: each mode runs briefly against `fastws serve` and writes valid JSON; plot makes a PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastws.bench.common import Histogram, classify_error, parse_size, parse_target, source_addresses
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not listen on {port}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    port = _free_port()
+    proc = _start(
+        [sys.executable, "-m", "fastws", "serve", "--port", str(port), "--log-level", "warning"], port
+    )
+    yield proc, port
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def raw_server():
+    port = _free_port()
+    proc = _start(
+        [sys.executable, str(REPO / "bench" / "servers" / "raw_tcp_echo.py"), "--port", str(port)], port
+    )
+    yield proc, port
+    _stop(proc)
+
+
+def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastws", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def run_json(tmp_path: Path, name: str, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = bench(*args, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    data = json.loads(out.read_text())
+    assert data["tool"] == "fastws bench" and data["schema"] == 1
+    assert data["mode"] == args[0]
+    for key in ("date", "cpu", "cores", "kernel", "python", "packages", "command"):
+        assert key in data["meta"]
+    return data
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, demo_server, raw_server):
+    """Run every mode once (module scope: the plot test reuses the files)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    proc, port = demo_server
+    url = f"ws://127.0.0.1:{port}"
+    pid = str(proc.pid)
+    runs = {
+        "throughput": f"throughput {url}/echo -w 0.2 -c 4 -i 8 -s 1K -p 2 --server-pid {pid} --label fastws",
+        "throughput_big": f"throughput {url}/echo --warmup 0.1 --size 100K --inflight 2 --text",
+        "raw": f"throughput tcp://127.0.0.1:{raw_server[1]} --raw --warmup 0.1 --label raw-tcp",
+        "latency": f"latency {url}/echo --warmup 0.1 --connections 2",
+        "connections": f"connections {url}/echo --connections 300 --server-pid {pid} --processes 2",
+        "broadcast": f"broadcast {url}/chat --connections 5 --rate 100 --grace 2",
+        "handshake": f"handshake {url}/echo --connections 4",
+    }
+    if importlib.util.find_spec("aiofastnet"):
+        runs["throughput_afn"] = f"throughput {url}/echo --warmup 0.1 --client-transport aiofastnet"
+    out = {}
+    for name, args in runs.items():
+        duration = "0.3" if name == "connections" else "0.5"
+        out[name] = run_json(tmp, name, *args.split(), "--quiet", "--duration", duration)
+    return tmp, out
+
+
+def test_throughput(results):
+    r = results[1]["throughput"]
+    res = r["results"]
+    assert r["label"] == "fastws"
+    assert r["params"]["size"] == 1024 and r["params"]["connections"] == 4 and r["params"]["inflight"] == 8
+    assert res["connections_opened"] == 4 and res["failures"] == {}
+    assert res["messages"] > 100 and res["msgs_per_s"] > 0 and res["seconds"] > 0.3
+    assert res["mb_per_s"] == pytest.approx(res["msgs_per_s"] * 1024 / 1e6, rel=1e-3)
+    assert len(res["per_process"]) == 2 and len(res["client_cpu_percent"]) == 2
+    assert res["server_cpu_percent"] is not None
+    big = results[1]["throughput_big"]["results"]
+    assert big["messages"] > 0 and big["dropped"] == 0
+    if "throughput_afn" in results[1]:
+        afn = results[1]["throughput_afn"]
+        assert afn["params"]["client_transport"] == "aiofastnet" and afn["results"]["messages"] > 100
+
+
+def test_throughput_raw(results):
+    res = results[1]["raw"]["results"]
+    assert results[1]["raw"]["params"]["raw"] is True
+    assert res["messages"] > 100 and res["msgs_per_s"] > 0
+
+
+def test_latency(results):
+    res = results[1]["latency"]["results"]
+    lat = res["latency_us"]
+    assert res["round_trips"] > 50
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+    assert sum(c for _, _, c in res["histogram"]["buckets"]) == res["round_trips"]
+
+
+def test_connections(results):
+    res = results[1]["connections"]["results"]
+    assert res["target"] == 300 and res["opened"] == 300 and res["failed"] == 0
+    assert res["handshakes_per_s"] > 0 and res["ramp"][-1][1] == 300
+    assert res["processes"] == 2 and res["source_addresses"] >= 1
+    srv = res["server"]
+    assert srv["rss_before"] > 0 and srv["rss_after_hold"] > 0
+    assert 0 < srv["bytes_per_connection"] < 1_000_000
+    assert res["dropped_during_hold"] == 0
+
+
+def test_broadcast(results):
+    res = results[1]["broadcast"]["results"]
+    assert res["subscribers"] == 5
+    assert res["messages_sent"] >= 10
+    assert res["deliveries"] == res["expected_deliveries"] == 5 * res["messages_sent"]
+    assert res["lost"] == 0 and res["complete_messages"] == res["messages_sent"]
+    assert 0 < res["latency_us"]["p50"] <= res["latency_us"]["max"]
+    assert res["fanout_us"]["p50"] >= res["latency_us"]["p50"] * 0.5
+    assert res["deliveries_per_s"] > 0
+
+
+def test_handshake(results):
+    res = results[1]["handshake"]["results"]
+    assert res["handshakes"] > 10 and res["handshakes_per_s"] > 0
+    assert res["failures"] == {}
+    assert res["open_latency_us"]["p50"] > 0
+
+
+def test_plot_writes_a_png(results):
+    tmp, _ = results
+    out = tmp / "chart.png"
+    files = sorted(str(p) for p in tmp.glob("*.json"))
+    proc = bench("plot", *files, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_unreachable_server_is_a_clear_error():
+    port = _free_port()
+    proc = bench("throughput", f"ws://127.0.0.1:{port}/echo", "--quiet", "--duration", "0.2", "--warmup", "0")
+    assert proc.returncode == 1
+    assert "ECONNREFUSED" in proc.stderr
+
+
+def test_not_an_echo_endpoint_is_refused(demo_server):
+    _, port = demo_server
+    proc = bench("throughput", f"ws://127.0.0.1:{port}/chat", "--quiet", "--duration", "0.2", "--warmup", "0")
+    assert proc.returncode == 1
+    assert "echo" in proc.stderr
+
+
+def test_bench_is_a_fastws_subcommand():
+    from fastws.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+
+
+def test_plot_rejects_other_json(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    proc = bench("plot", str(bad), "-o", str(tmp_path / "x.png"))
+    assert proc.returncode == 1 and "not a `fastws bench --json` file" in proc.stderr
+
+
+# -- pieces ----------------------------------------------------------------------
+
+
+def test_histogram_percentiles_match_exact_ones_within_one_percent():
+    rng = random.Random(7)
+    values = [int(rng.lognormvariate(10, 1.5)) for _ in range(20000)]
+    h = Histogram()
+    for v in values:
+        h.record(v)
+    values.sort()
+    for q in (50, 90, 99, 99.9):
+        exact = values[max(0, int(-(-q * len(values) // 100)) - 1)]
+        assert h.percentile(q) == pytest.approx(exact, rel=0.01, abs=1)
+    assert h.percentile(100) == h.max == values[-1] and h.min == values[0]
+    again = Histogram.from_json(json.loads(json.dumps(h.to_json())))
+    assert again.total == h.total and again.percentile(99) == h.percentile(99)
+    merged = Histogram()
+    merged.merge(h)
+    merged.merge(again)
+    assert merged.total == 2 * h.total and merged.percentile(50) == h.percentile(50)
+
+
+def test_histogram_buckets_are_contiguous():
+    prev_high = -1
+    for idx in range(Histogram.SUB + 20 * Histogram.HALF):
+        low, high = Histogram.bounds(idx)
+        assert low == prev_high + 1 and Histogram.index(low) == idx == Histogram.index(high)
+        prev_high = high
+
+
+def test_parse_size_and_targets():
+    assert [parse_size(s) for s in ("64", "1K", "1KiB", "64k", "1M", "2MiB")] == [
+        64,
+        1024,
+        1024,
+        65536,
+        1 << 20,
+        2 << 20,
+    ]
+    with pytest.raises(ValueError):
+        parse_size("lots")
+    t = parse_target("ws://127.0.0.1:9000/echo")
+    assert (t.host, t.port, t.loopback, t.raw) == ("127.0.0.1", 9000, True, False)
+    assert parse_target("localhost:9000", raw=True).loopback
+    assert not parse_target("ws://example.com/").loopback
+    assert source_addresses(3) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert source_addresses(300)[253] == "127.0.1.1"
+
+
+def test_classify_error():
+    import asyncio
+    import errno
+
+    from fastws import HandshakeError
+
+    assert classify_error(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) == "ECONNREFUSED"
+    assert classify_error(OSError(errno.EADDRNOTAVAIL, "x")) == "EADDRNOTAVAIL"
+    assert classify_error(OSError("Multiple exceptions: [Errno 111] Connect call failed")) == "ECONNREFUSED"
+    assert classify_error(asyncio.TimeoutError()) == "timeout"
+    assert classify_error(HandshakeError(503, "full")) == "HTTP 503"
+    assert classify_error(ConnectionResetError("closed during handshake")) == "closed during handshake"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_compare_script_parses(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "compare.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0 and "--quick" in proc.stdout
