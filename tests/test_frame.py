@@ -1392,3 +1392,52 @@ def test_on_close_comes_after_the_writer_flushed_this_reads_replies():
     reader.feed(mframe(9, b"p1") + mframe(9, b"p2") + mframe(8, encode_close_payload(1001)))
     assert events == ["write", ("close", 1001)]
     assert written == [uframe(10, b"p1") + uframe(10, b"p2")]
+
+
+# --------------------------------------------------------------------------- big frames read in place
+
+
+def _read_in(reader, data: bytes) -> None:
+    """Like the event loop: fill what get_buffer offers, as often as needed."""
+    while data:
+        buf = reader.get_buffer(-1)
+        n = min(len(buf), len(data))
+        buf[:n] = data[:n]
+        reader.buffer_updated(n)
+        data = data[n:]
+
+
+@pytest.mark.parametrize("opcode, payload", [
+    (2, random.Random(5).randbytes(1 << 20)),
+    (1, ("κόσμε " * 100_000)[: 300_000]),
+], ids=["binary-1MiB", "text-300k"])
+@pytest.mark.parametrize("first", [300_000, 262_144, 500_001])
+def test_big_frame_is_read_in_place_then_the_stream_goes_on(opcode, payload, first):
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True, max_message_size=2 << 20)
+    frame = mframe(opcode, payload)
+    after = mframe(1, "after") + mframe(9, b"ping")
+    _read_in(reader, frame[:first])
+    if first < len(frame):
+        # the rest of the frame is offered exactly: no read can run into the next frame
+        assert len(reader.get_buffer(-1)) == len(frame) - first
+    _read_in(reader, frame[first:] + after)
+    assert rec.calls == [("message", payload), ("message", "after"), ("ping", b"ping")]
+    assert reader.buffered == 0
+
+
+def test_big_text_frame_read_in_place_fails_fast_on_bad_utf8():
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True)
+    frame = mframe(1, b"a" * 200_000 + b"\xc0\xaf" + b"b" * 100_000)
+    _read_in(reader, frame[:150_000])
+    assert not reader.closed
+    with pytest.raises(ProtocolError) as err:
+        _read_in(reader, frame[150_000:200_100])  # the bad bytes, far from the frame's end
+    assert err.value.code == 1007 and reader.closed
+
+
+def test_a_bare_big_header_does_not_allocate_its_announced_size():
+    reader = FrameReader(Recorder(), is_server=True, max_message_size=0)
+    _read_in(reader, O.header(2, 1 << 30, mask_key=KEY) + b"x" * 1000)
+    assert len(reader.get_buffer(-1)) < 1 << 20  # room for more, not for the whole GiB

@@ -50,9 +50,9 @@ cdef enum:
     OPC_PONG = 10
     MIN_READ = 65536            # smallest free space handed to the transport
     SCRATCH_SIZE = 262144       # shared read buffer: idle connections hold none
-    MAX_PREALLOC = 16777216     # never trust a declared length beyond this up front
     OUT_FLUSH_AT = 262144       # a corked writer flushes early past this
     LARGE_PAYLOAD = 65536       # above this a payload is written without copying
+    DIRECT_FRAME = 65536        # a partial frame this big is read straight into its message object
 
 
 # --------------------------------------------------------------------------
@@ -601,6 +601,13 @@ cdef class FrameReader:
     cdef Py_ssize_t _msg_cap
     cdef uint32_t _utf8_state
     cdef Py_ssize_t _consumed      # bytes of the current input fully handled (for handler exceptions)
+    # a big single-frame message read straight into the bytes object that will be delivered
+    cdef bytes _direct
+    cdef Py_ssize_t _direct_have
+    cdef int _direct_opcode
+    cdef bint _direct_masked
+    cdef bint _in_direct           # the last get_buffer handed out the rest of _direct
+    cdef uint8_t _direct_key[4]
     cdef public Py_ssize_t messages  # data messages delivered (idle detection reads it)
     cdef public Py_ssize_t reads     # buffer_updated calls (keepalive: any bytes mean the peer lives)
 
@@ -632,7 +639,7 @@ cdef class FrameReader:
 
     @property
     def buffered(self):
-        return self._buf_len + self._msg_len
+        return self._buf_len + self._msg_len + (self._direct_have if self._direct is not None else 0)
 
     # -- buffer management -------------------------------------------------
 
@@ -651,14 +658,20 @@ cdef class FrameReader:
 
     def get_buffer(self, Py_ssize_t sizehint=-1):
         cdef Py_ssize_t free
+        if self._direct is not None:
+            # exactly the rest of the frame, so no read runs into the next one
+            self._in_direct = True
+            return PyMemoryView_FromMemory(PyBytes_AS_STRING(self._direct) + self._direct_have,
+                                           PyBytes_GET_SIZE(self._direct) - self._direct_have, PyBUF_WRITE)
         if self._buf_len == 0 and scratch_buffer() != NULL:
             self._in_scratch = True
             return _scratch_view
         self._in_scratch = False
         free = MIN_READ
         if self._frame_total > self._buf_len:
-            # a big frame in progress: make room for all of it, so it arrives in place
-            free = max(free, min(self._frame_total - self._buf_len, MAX_PREALLOC))
+            # a big frame in progress: room for more of it, at most doubling what has arrived
+            # (a header alone must not make us allocate its announced size)
+            free = max(free, min(self._frame_total - self._buf_len, self._buf_len))
         if self._buf_cap - self._buf_len < MIN_READ // 4 or self._buf_cap - self._buf_len < free:
             self._reserve(free)
         return PyMemoryView_FromMemory(self._buf + self._buf_len, self._buf_cap - self._buf_len, PyBUF_WRITE)
@@ -667,7 +680,10 @@ cdef class FrameReader:
         global _scratch_busy
         self.reads += 1
         try:
-            if self._in_scratch:
+            if self._in_direct:
+                self._in_direct = False
+                self._direct_progress(nbytes)
+            elif self._in_scratch:
                 self._in_scratch = False
                 _scratch_busy = True
                 try:
@@ -685,16 +701,68 @@ cdef class FrameReader:
     def feed(self, data):
         """Parse bytes given by the caller (copied; for tests and non-buffered transports)."""
         cdef Py_buffer view
+        cdef Py_ssize_t k, off = 0
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if view.len == 0:
+            if self._direct is not None and not self._closed:
+                k = min(view.len, PyBytes_GET_SIZE(self._direct) - self._direct_have)
+                memcpy(PyBytes_AS_STRING(self._direct) + self._direct_have, view.buf, k)
+                off = k
+                self._direct_progress(k)
+            if view.len - off == 0:
                 return
-            self._reserve(view.len)
-            memcpy(self._buf + self._buf_len, view.buf, view.len)
-            self._buf_len += view.len
+            self._reserve(view.len - off)
+            memcpy(self._buf + self._buf_len, <char *>view.buf + off, view.len - off)
+            self._buf_len += view.len - off
         finally:
             PyBuffer_Release(&view)
         self._process(self._buf, self._buf_len, False)
+
+    cdef int _direct_progress(self, Py_ssize_t n) except -1:
+        """``n`` more bytes of the direct frame have landed in place: unmask, check, maybe deliver."""
+        cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(self._direct) + self._direct_have
+        cdef bytes message
+        if self._closed:
+            return 0
+        try:
+            if self._direct_masked:
+                fastws_mask(p, n, self._direct_key, self._direct_have & 3)
+            if self._direct_opcode == OPC_TEXT and utf8_feed(p, n, &self._utf8_state) < 0:
+                raise ProtocolError(1007, "invalid UTF-8 in text message")
+        except ProtocolError:
+            self._closed = True
+            self._discard()
+            raise
+        self._direct_have += n
+        if self._direct_have < PyBytes_GET_SIZE(self._direct):
+            return 0
+        message = self._direct
+        self._direct = None
+        if self._writer is not None:
+            self._writer.cork()
+        try:
+            if self._direct_opcode == OPC_TEXT:
+                self._deliver(OPC_TEXT, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), False)
+            else:
+                self.messages += 1
+                self.on_message(message)  # the very object the payload was read into: no copy
+        finally:
+            if self._writer is not None:
+                self._writer.uncork()
+        return 0
+
+    cdef int _start_direct(self, int opcode, bint masked, const uint8_t *key, const uint8_t *payload,
+                           Py_ssize_t have, Py_ssize_t length) except -1:
+        """Give a big frame its own bytes object and copy (unmasking) what has arrived."""
+        self._direct = PyBytes_FromStringAndSize(NULL, length)
+        self._direct_have = 0
+        self._direct_opcode = opcode
+        self._direct_masked = masked
+        if masked:
+            memcpy(self._direct_key, key, 4)
+        memcpy(PyBytes_AS_STRING(self._direct), payload, have)
+        self._direct_progress(have)
+        return 0
 
     cdef int _process(self, char *data, Py_ssize_t n, bint from_scratch) except -1:
         """Parse data[0:n]; keep the unconsumed tail in the private buffer."""
@@ -746,6 +814,7 @@ cdef class FrameReader:
         return 0
 
     cdef void _discard(self) noexcept:
+        self._direct = None
         PyMem_Free(self._buf)
         PyMem_Free(self._msg)
         self._buf = self._msg = NULL
@@ -819,6 +888,16 @@ cdef class FrameReader:
             payload = p + hdr
             have = min(avail - hdr, <Py_ssize_t>length)
             whole = have == <Py_ssize_t>length
+            # (only when a good part has arrived: a bare header must not make us allocate much)
+            if (not whole and self._done == 0 and <Py_ssize_t>length >= DIRECT_FRAME and fin and not rsv1
+                    and (opcode == OPC_TEXT or opcode == OPC_BINARY)
+                    and <Py_ssize_t>length <= 4 * have + MIN_READ):
+                # the rest of this message goes straight into the object we will deliver
+                self._frame_total = 0
+                pos = n
+                self._consumed = pos
+                self._start_direct(opcode, masked, key, payload, have, <Py_ssize_t>length)
+                break
             textual = (opcode == OPC_TEXT or (opcode == OPC_CONT and self._msg_opcode == OPC_TEXT))
             if have > self._done:
                 if masked:
