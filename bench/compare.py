@@ -593,6 +593,10 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
                 ]
         lines.append("")
     lines += targets(summary)
+    if summary.get("scale"):
+        import scale  # bench/scale.py, beside this file
+
+        lines += [scale.markdown(summary["scale"], summary["scale"].get("command", "python bench/scale.py"))]
     if summary["errors"]:
         lines += ["## Errors", ""] + [f"- {k}: {v}" for k, v in summary["errors"].items()] + [""]
     notes = summary.get("notes", {})
@@ -704,13 +708,33 @@ def main() -> int:
     p.add_argument(
         "--results-dir", default=str(RESULTS_DIR), help="where the JSON files go (default bench/results)"
     )
+    p.add_argument("--scale", type=int, default=None,
+                   help="also run bench/scale.py with this many connections (full preset: 50000; 0: skip)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from summary.json (and scale.json) without measuring")
     args = p.parse_args()
     RESULTS_DIR = Path(args.results_dir)
+    if args.report_only:
+        summary = json.loads((RESULTS_DIR / "summary.json").read_text())
+        scale_file = RESULTS_DIR / "scale.json"
+        if scale_file.exists():
+            summary["scale"] = json.loads(scale_file.read_text())
+        write_markdown(summary, Path(args.output), summary["command"])
+        print(f"wrote {args.output}")
+        return 0
     if subprocess.run(["taskset", "-c", args.client_cpu, "true"], capture_output=True).returncode != 0:
         print(f"taskset cannot pin to CPU {args.client_cpu}: use --server-cpu/--client-cpu", file=sys.stderr)
         return 2
     command = "python bench/compare.py " + shlex.join(sys.argv[1:])
     summary = run_all(args)
+    n_scale = args.scale if args.scale is not None else (50_000 if args.preset == "full" else 0)
+    if n_scale:
+        print(f"== scale: {n_scale:,} connections on one node", flush=True)
+        cmd = [PY, str(HERE / "scale.py"), "--connections", str(n_scale),
+               "--json", str(RESULTS_DIR / "scale.json"), "--output", str(RESULTS_DIR / "SCALE.md")]
+        subprocess.run(cmd, check=False, timeout=1800)
+        if (RESULTS_DIR / "scale.json").exists():
+            summary["scale"] = json.loads((RESULTS_DIR / "scale.json").read_text())
     summary["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary["machine"] = machine()
     summary["command"] = command

@@ -1441,3 +1441,24 @@ def test_a_bare_big_header_does_not_allocate_its_announced_size():
     reader = FrameReader(Recorder(), is_server=True, max_message_size=0)
     _read_in(reader, O.header(2, 1 << 30, mask_key=KEY) + b"x" * 1000)
     assert len(reader.get_buffer(-1)) < 1 << 20  # room for more, not for the whole GiB
+
+
+def test_corked_big_payloads_go_out_uncopied_in_one_writelines():
+    writes, batches = [], []
+    writer = FrameWriter(writes.append, is_server=True, writelines=lambda chunks: batches.append(list(chunks)))
+    big1, big2 = b"\x01" * 70_000, b"\x02" * 100_000
+    writer.cork()
+    writer.send("small")
+    writer.send(big1)
+    writer.send(big2)
+    writer.send_pong(b"p")
+    assert writes == [] and batches == []
+    writer.uncork()
+    assert writes == [] and len(batches) == 1
+    chunks = batches[0]
+    assert any(c is big1 for c in chunks) and any(c is big2 for c in chunks)  # the caller's objects, no copy
+    expected = uframe(1, b"small") + uframe(2, big1) + uframe(2, big2) + uframe(10, b"p")
+    assert b"".join(chunks) == expected
+    # uncorked, a big payload still goes out uncopied, header and payload in one call
+    writer.send(big1)
+    assert batches[-1][1] is big1 and b"".join(batches[-1]) == uframe(2, big1)

@@ -52,7 +52,8 @@ cdef enum:
     SCRATCH_SIZE = 262144       # shared read buffer: idle connections hold none
     OUT_FLUSH_AT = 262144       # a corked writer flushes early past this
     LARGE_PAYLOAD = 65536       # above this a payload is written without copying
-    DIRECT_FRAME = 65536        # a partial frame this big is read straight into its message object
+    DIRECT_FRAME = 262144       # a partial frame bigger than one scratch read goes straight into its
+                                # message object (smaller ones: cheaper to copy than to cut reads short)
 
 
 # --------------------------------------------------------------------------
@@ -384,6 +385,7 @@ cdef class FrameWriter:
 
     cdef object _write
     cdef object _writelines
+    cdef list _chunks              # while corked: encoded output with big payloads kept uncopied
     cdef object _deflate
     cdef bint _masked
     cdef int _cork_depth
@@ -415,7 +417,7 @@ cdef class FrameWriter:
     @property
     def buffered(self):
         """Bytes queued while corked, not yet handed to ``write``."""
-        return self._out_len
+        return self._out_len + (sum(len(c) for c in self._chunks) if self._chunks else 0)
 
     def set_deflate(self, deflate, Py_ssize_t compress_threshold=128):
         self._deflate = deflate
@@ -430,16 +432,31 @@ cdef class FrameWriter:
         if self._cork_depth == 0:
             self._flush()
 
-    cdef int _flush(self) except -1:
-        cdef bytes chunk
+    cdef int _take_out(self) except -1:
+        """Move the output buffer's bytes to the chunk list."""
         if self._out_len:
-            chunk = PyBytes_FromStringAndSize(self._out, self._out_len)
+            if self._chunks is None:
+                self._chunks = []
+            self._chunks.append(PyBytes_FromStringAndSize(self._out, self._out_len))
             self._out_len = 0
             if self._out_cap > LARGE_PAYLOAD:  # do not keep a big buffer per connection
                 PyMem_Free(self._out)
                 self._out = NULL
                 self._out_cap = 0
-            self._write(chunk)
+        return 0
+
+    cdef int _flush(self) except -1:
+        """Everything queued goes out in one write (one writev when big payloads are among it)."""
+        cdef list chunks
+        self._take_out()
+        chunks = self._chunks
+        if chunks is None:
+            return 0
+        self._chunks = None
+        if len(chunks) == 1:
+            self._write(chunks[0])
+        else:
+            self._writelines(chunks)
         return 0
 
     cdef char *_reserve(self, Py_ssize_t n) except NULL:
@@ -461,10 +478,15 @@ cdef class FrameWriter:
         cdef uint8_t *out
         cdef uint8_t header[14]
         if not self._masked and n >= LARGE_PAYLOAD and owner is not None and self._writelines is not None:
-            # Big unmasked payload: header + the caller's bytes in one writev, no copy.
+            # Big unmasked payload: the caller's bytes go out as they are (writev), never copied.
             h = write_header(header, opcode, n, fin, rsv1, NULL)
-            self._flush()
-            self._writelines((PyBytes_FromStringAndSize(<char *>header, h), owner))
+            if self._cork_depth == 0:
+                self._writelines((PyBytes_FromStringAndSize(<char *>header, h), owner))
+                return 0
+            memcpy(self._reserve(h), header, h)
+            self._out_len += h
+            self._take_out()
+            self._chunks.append(owner)
             return 0
         if self._cork_depth == 0:
             self._write(build_frame(opcode, data, n, fin, rsv1, self._masked))

@@ -265,7 +265,9 @@ class Session(asyncio.BufferedProtocol):
             self._reader.on_message = _drop_message
         try:
             self._writer.send_close(code, reason)
-        except ValueError:  # a code that cannot go on the wire: say 1011 instead of crashing
+        except ValueError:  # a code or reason that cannot go on the wire: say 1011 instead of crashing
+            log.error("session.close(%r, %r): invalid close code or reason too long; sent 1011", code, reason)
+            self._close_code, self._close_reason = CloseCode.INTERNAL_ERROR, ""
             self._writer.send_close(CloseCode.INTERNAL_ERROR, "")
         self._close_timer = self._server.loop.call_later(self._server.config.close_timeout, self.abort)
 
