@@ -15,7 +15,7 @@ addresses and several client processes:
    and the CPU that keepalive costs;
 2. active: with the N connections still held, --active more connections echo
    64-byte messages (1 in flight each): messages/s the node still serves;
-3. push: one worker, --subscribers clients in the demo's /chat room and one
+3. push: one worker, --subscribers clients on the demo's /feed channel and one
    publisher: a message framed once and written to every subscriber, with
    delivery latency and deliveries/s.
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["active"] = {k: active.get(k) for k in ("msgs_per_s", "mb_per_s", "latency_us", "errors",
                                                         "server_cpu_percent", "client_cpu_percent")}
     with Node(port + 1, 1, args.ping_interval, tmp / "push.log") as node:
-        push = bench("broadcast", f"ws://127.0.0.1:{port + 1}/chat", tmp / "push.json",
+        push = bench("broadcast", f"ws://127.0.0.1:{port + 1}/feed", tmp / "push.json",
                      "--connections", str(args.subscribers), "--count", str(args.messages),
                      "--rate", str(args.rate), "--duration", str(args.duration),
                      "--server-pid", str(node.proc.pid), timeout=600)
@@ -214,7 +214,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
         f"{active.get('msgs_per_s') or 0:,.0f} msgs/s (server CPU {active.get('server_cpu_percent') or 0:.0f} %) |",
         f"| push: {push.get('messages_sent', 0):,} messages "
         f"{rate} to "
-        f"{push.get('subscribers', 0):,} /chat subscribers (1 worker) | "
+        f"{push.get('subscribers', 0):,} /feed subscribers (1 worker) | "
         f"{push.get('deliveries_per_s', 0):,.0f} deliveries/s, {push.get('lost', 0):,} lost, latency p50 "
         f"{(push.get('latency_us') or {}).get('p50', 0) / 1000:,.1f} ms, p99 "
         f"{(push.get('latency_us') or {}).get('p99', 0) / 1000:,.1f} ms |",

@@ -1,4 +1,4 @@
-"""The default app of `fastws serve`: /echo, /chat, /push and a page that uses all three."""
+"""The default app of `fastws serve`: /echo, /chat, /feed, /push and a page that uses them."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ class Chat(Endpoint):
         self.hub.publish(self.room, f"* #{self.session.id} left")
 
 
+class Feed(Endpoint):
+    """A quiet fan-out channel (live quotes, dashboards): every message sent here reaches
+    every /feed subscriber, framed once; no join or leave notices."""
+
+    def on_open(self) -> None:
+        self.hub.join(self.session, "feed")
+
+    def on_message(self, message: str | bytes) -> None:
+        self.hub.publish("feed", message)
+
+
 async def push(ws) -> None:  # type: ignore[no-untyped-def]
     """The server pushes the time every second until the client goes away."""
     while not ws.closed:
@@ -54,6 +65,7 @@ def create_app() -> App:
     demo.http("/")(index)
     demo.route("/echo")(Echo)
     demo.route("/chat")(Chat)
+    demo.route("/feed")(Feed)
     demo.route("/push")(push)
     return demo
 
