@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with Node(port + 1, 1, args.ping_interval, tmp / "push.log") as node:
         push = bench("broadcast", f"ws://127.0.0.1:{port + 1}/feed", tmp / "push.json",
                      "--connections", str(args.subscribers), "--count", str(args.messages),
-                     "--rate", str(args.rate), "--duration", str(args.duration),
+                     "--rate", str(args.rate), "--duration", str(args.duration), "--grace", "30",
                      "--server-pid", str(node.proc.pid), timeout=600)
         result["push"] = push
     return result
@@ -215,7 +215,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
         f"| push: {push.get('messages_sent', 0):,} messages "
         f"{rate} to "
         f"{push.get('subscribers', 0):,} /feed subscribers (1 worker) | "
-        f"{push.get('deliveries_per_s', 0):,.0f} deliveries/s, {push.get('lost', 0):,} lost, latency p50 "
+        f"{push.get('deliveries_per_s', 0):,.0f} deliveries/s, {push.get('lost', 0):,} not delivered, latency p50 "
         f"{(push.get('latency_us') or {}).get('p50', 0) / 1000:,.1f} ms, p99 "
         f"{(push.get('latency_us') or {}).get('p99', 0) / 1000:,.1f} ms |",
         "",
@@ -245,7 +245,7 @@ def main() -> int:
     p.add_argument("--hold", type=float, default=10.0, help="seconds held idle before the active phase")
     p.add_argument("--ping-interval", type=float, default=5.0)
     p.add_argument("--subscribers", type=int, default=10_000)
-    p.add_argument("--messages", type=int, default=200, help="messages published in the push phase")
+    p.add_argument("--messages", type=int, default=50, help="messages published in the push phase")
     p.add_argument("--rate", type=float, default=0,
                    help="messages published per second in the push phase (0: as fast as possible)")
     p.add_argument("--port", type=int, default=9300)
