@@ -15,7 +15,6 @@ except ImportError:  # Windows: no uvloop; the wheel tests still run on asyncio'
 
 from fastws import App, Config, Server
 
-
 # Suites that also run on the plain asyncio loop (cheap enough to run twice).
 BOTH_LOOPS = {"test_smoke_server", "test_conformance", "test_interop"}
 

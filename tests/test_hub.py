@@ -89,7 +89,7 @@ async def test_broadcast_to_plain_and_compressed_sessions(start_server):
         _, port = await start_server(room_app(), compression=True, compress_threshold=16,
                                      compression_no_context_takeover=no_context_takeover)
         clients = [await connect(port, "r", compress=c) for c in (False, True, True, False)]
-        for ws, compressed in zip(clients, (False, True, True, False)):
+        for ws, compressed in zip(clients, (False, True, True, False), strict=True):
             assert ("permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")) \
                 == compressed
         long_text = "compress me " * 100

@@ -1,6 +1,7 @@
 """Type stub for the Cython wire core (fastws._frame). Sans-I/O: bytes in, calls out."""
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 OP_CONTINUATION: int  # 0x0
 OP_TEXT: int  # 0x1
@@ -83,7 +84,9 @@ class FrameWriter:
     @property
     def corked(self) -> bool: ...
 
-def encode_frame(opcode: int, payload: bytes | str, *, fin: bool = True, rsv1: bool = False, mask: bool = False) -> bytes: ...
+def encode_frame(
+    opcode: int, payload: bytes | str, *, fin: bool = True, rsv1: bool = False, mask: bool = False
+) -> bytes: ...
 def encode_close_payload(code: int = 1000, reason: str = "") -> bytes: ...
 def parse_close_payload(payload: bytes) -> tuple[int, str]: ...  # raises ProtocolError (1002/1007)
 def is_valid_close_code(code: int) -> bool: ...

@@ -57,7 +57,6 @@ class Session(asyncio.BufferedProtocol):
 
     def __init__(self, server: Server, request: Request, remote: str, subprotocol: str | None,
                  deflate: Any = None) -> None:
-        cfg = server.config
         self.id = server.next_session_id()
         self.request = request
         self.remote = remote

@@ -68,7 +68,7 @@ class Headers:
         if self._items is not None:
             return self._items
         fields = self._packed.decode("latin-1").split("\0")
-        return list(zip(fields[0:-1:2], fields[1:-1:2]))
+        return list(zip(fields[0:-1:2], fields[1:-1:2], strict=True))
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``."""

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from fastws.connection import Session
 from fastws.errors import CloseCode, HandshakeError
@@ -110,7 +110,7 @@ class Endpoint:
 
 Handler = Callable[[Session], Awaitable[Any]]
 HttpHandler = Callable[[Request], Any]
-Target = Union[type[Endpoint], Handler]
+Target = type[Endpoint] | Handler
 
 
 @dataclass

@@ -14,7 +14,7 @@ MODE_HELP = {
     "throughput": "C connections x D messages of S bytes in flight against an echo endpoint: msgs/s, MB/s",
     "latency": "round trips with one message in flight: p50/p90/p99/p99.9/max",
     "connections": "ramp to N idle connections over several processes; memory per connection, failures",
-    "broadcast": "N subscribers on a fan-out endpoint (the demo's /feed or /chat), one publisher: delivery latency",
+    "broadcast": "N subscribers on a fan-out endpoint (the demo's /feed), one publisher: delivery latency",
     "handshake": "connect + upgrade + close rate",
 }
 DEFAULTS = {  # connections, duration

@@ -701,3 +701,17 @@ class RawEcho(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def client_params(args: Any, target: Any, **extra: Any) -> list[dict[str, Any]]:
+    """One parameter dict per client process for the echo modes (throughput, latency):
+    connections, message count and source addresses split over ``--processes``."""
+    procs = max(1, min(args.processes, args.connections))
+    sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
+    per_count = math.ceil(args.count / procs) if args.count else 0
+    return [
+        dict(url=args.url, raw=args.raw, size=args.size, text=args.text, compression=args.compression,
+             connections=n, count=per_count, sources=sources, open_timeout=args.open_timeout, index=i,
+             **extra)
+        for i, n in enumerate(split(args.connections, procs))
+    ]

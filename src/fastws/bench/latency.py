@@ -8,7 +8,6 @@ Round trips that end during the warm-up are not recorded.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -19,10 +18,9 @@ from fastws.bench.common import (
     Histogram,
     ServerCPU,
     Workers,
+    client_params,
     parse_target,
     process_cpu,
-    source_addresses,
-    split,
     wait_until,
 )
 from fastws.bench.throughput import _sleep_until, cpu_rows, payload_for
@@ -158,25 +156,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
     target = parse_target(args.url, args.raw)
-    procs = max(1, min(args.processes, args.connections))
-    counts = split(args.connections, procs)
-    sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
-    per_count = math.ceil(args.count / procs) if args.count else 0
-    params = [
-        dict(
-            url=args.url,
-            raw=args.raw,
-            size=args.size,
-            text=args.text,
-            compression=args.compression,
-            connections=n,
-            count=per_count,
-            sources=sources,
-            open_timeout=args.open_timeout,
-            index=i,
-        )
-        for i, n in enumerate(counts)
-    ]
+    params = client_params(args, target)
     with Workers(worker, params) as workers:
         workers.start()
         ready = workers.gather("ready", timeout=args.open_timeout * 3 + 30)

@@ -14,7 +14,6 @@ no framing): every S bytes back count as one message.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -25,10 +24,9 @@ from fastws.bench.common import (
     Ctl,
     ServerCPU,
     Workers,
+    client_params,
     parse_target,
     process_cpu,
-    source_addresses,
-    split,
     wait_until,
 )
 from fastws.bench.ui import UI, num
@@ -184,26 +182,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
     target = parse_target(args.url, args.raw)
-    procs = max(1, min(args.processes, args.connections))
-    counts = split(args.connections, procs)
-    sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
-    per_count = math.ceil(args.count / procs) if args.count else 0
-    params = [
-        dict(
-            url=args.url,
-            raw=args.raw,
-            size=args.size,
-            inflight=args.inflight,
-            text=args.text,
-            compression=args.compression,
-            connections=n,
-            count=per_count,
-            sources=sources,
-            open_timeout=args.open_timeout,
-            index=i,
-        )
-        for i, n in enumerate(counts)
-    ]
+    params = client_params(args, target, inflight=args.inflight)
     with Workers(worker, params) as workers:
         workers.start()
         ui.start("connecting", args.connections, expected_seconds=args.warmup + args.duration)
