@@ -78,6 +78,21 @@ async def open_raw(
     return proto
 
 
+def connector(target: Target, raw: bool, open_timeout: float, **ws_options: Any) -> Callable[[Any], Awaitable[Any]]:
+    """``open_one(local_addr)`` for an Opener: a raw TCP stream, or a WebSocket with ``ws_options``."""
+    if raw:
+        return functools.partial(_open_raw_from, target, open_timeout)
+    return functools.partial(_open_ws_from, target, open_timeout, ws_options)
+
+
+async def _open_raw_from(target: Target, open_timeout: float, local: Any) -> Any:
+    return await open_raw(target, local_addr=local, open_timeout=open_timeout)
+
+
+async def _open_ws_from(target: Target, open_timeout: float, ws_options: dict[str, Any], local: Any) -> Any:
+    return await open_ws(target, local_addr=local, open_timeout=open_timeout, **ws_options)
+
+
 class Opener:
     """Opens ``n`` connections, ``concurrency`` handshakes at a time, spreading source addresses.
 

@@ -18,7 +18,7 @@ import math
 import time
 from typing import Any
 
-from fastws.bench.clients import Opener, close_all, open_raw, open_ws
+from fastws.bench.clients import Opener, close_all, connector
 from fastws.bench.common import (
     BenchError,
     Ctl,
@@ -60,14 +60,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
         if state["holding"]:
             state["dropped"] += 1
 
-    if p["raw"]:
-
-        async def open_one(local: Any) -> Any:
-            return await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
-    else:
-
-        async def open_one(local: Any) -> Any:
-            return await open_ws(target, local_addr=local, on_close=on_close, open_timeout=p["open_timeout"])
+    open_one = connector(target, p["raw"], p["open_timeout"], on_close=on_close)
 
     ctl.send("ready")
     cmd = await ctl.recv()

@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastws.bench.clients import DISCARD, Opener, close_all, open_raw, open_ws
+from fastws.bench.clients import DISCARD, Opener, close_all, connector
 from fastws.bench.common import (
     BenchError,
     Ctl,
@@ -83,20 +83,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     payload = payload_for(p["size"], p["text"])
     hist = Histogram()
 
-    if raw:
-
-        async def open_one(local: Any) -> Any:
-            return await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
-    else:
-
-        async def open_one(local: Any) -> Any:
-            return await open_ws(
-                target,
-                local_addr=local,
-                max_message_size=0,
-                compression=p["compression"],
-                open_timeout=p["open_timeout"],
-            )
+    open_one = connector(target, raw, p["open_timeout"], max_message_size=0, compression=p["compression"])
 
     opener = Opener(
         open_one,

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from fastws._frame import OP_BINARY, OP_TEXT, encode_frame
-from fastws.bench.clients import DISCARD, Opener, close_all, open_raw, open_ws
+from fastws.bench.clients import DISCARD, Opener, close_all, connector
 from fastws.bench.common import (
     BenchError,
     Ctl,
@@ -71,26 +71,11 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
             dropped += 1
 
     stopping = False
-    if raw:
-
-        async def open_one(local: Any) -> Any:
-            return await open_raw(target, local_addr=local, open_timeout=p["open_timeout"])
-    else:
-
-        async def open_one(local: Any) -> Any:
-            return await open_ws(
-                target,
-                local_addr=local,
-                on_close=on_close,
-                compression=p["compression"],
-                max_message_size=0,
-                open_timeout=p["open_timeout"],
-                coalesce=coalesce,
-            )
-
     # Small messages: coalesce the echoes of one read into one write.  Big ones: write each
     # frame as it is built (saves copying megabytes into the coalescing buffer and out again).
     coalesce = size < BIG
+    open_one = connector(target, raw, p["open_timeout"], on_close=on_close, compression=p["compression"],
+                         max_message_size=0, coalesce=coalesce)
 
     opener = Opener(
         open_one,
