@@ -257,31 +257,16 @@ def test_validate_utf8_every_three_byte_sequence_with_lead_e0_to_f4():
                 assert validate_utf8(data4) == py_valid(data4), data4.hex()
 
 
+# Bytes at every boundary of the UTF-8 table (Unicode table 3-7), for random sequences.
+TRICKY_BYTES = [
+    0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF,
+    0xE0, 0xE1, 0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF,
+]
+
+
 def test_oracle_scan_agrees_with_python_on_complete_input():
     rng = random.Random(9)
-    alphabet = [
-        0x00,
-        0x41,
-        0x7F,
-        0x80,
-        0x8F,
-        0x90,
-        0x9F,
-        0xA0,
-        0xBF,
-        0xC0,
-        0xC2,
-        0xDF,
-        0xE0,
-        0xE1,
-        0xED,
-        0xEF,
-        0xF0,
-        0xF1,
-        0xF4,
-        0xF5,
-        0xFF,
-    ]
+    alphabet = TRICKY_BYTES
     for _ in range(20000):
         data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
         assert O.utf8_valid(data) == py_valid(data), data.hex()
@@ -293,35 +278,7 @@ def test_oracle_scan_agrees_with_python_on_complete_input():
 
 
 tricky_bytes = st.lists(
-    st.sampled_from(
-        [
-            0x00,
-            0x41,
-            0x7F,
-            0x80,
-            0x8F,
-            0x90,
-            0x9F,
-            0xA0,
-            0xBF,
-            0xC0,
-            0xC1,
-            0xC2,
-            0xDF,
-            0xE0,
-            0xE1,
-            0xEC,
-            0xED,
-            0xEE,
-            0xEF,
-            0xF0,
-            0xF1,
-            0xF3,
-            0xF4,
-            0xF5,
-            0xFF,
-        ]
-    ),
+    st.sampled_from(TRICKY_BYTES),
     max_size=40,
 ).map(bytes)
 
