@@ -67,7 +67,7 @@ async def refused(server, port: int, request: bytes | list[bytes], status: int, 
         assert word.lower() in text.lower(), f"{word!r} not in reason {text!r}"
     assert resp.closed, "the server must close the connection after refusing the upgrade"
     assert (resp.header("connection") or "").lower() == "close"
-    await wait_for(lambda: server.handshaking == 0 and len(server.hub.sessions) == sessions)
+    await wait_for(lambda: server.pending_handshakes == 0 and len(server.hub.sessions) == sessions)
     return resp
 
 
@@ -241,7 +241,7 @@ async def test_silent_connection_gets_408(start_server) -> None:
     server, port = await start_server(info_app(), handshake_timeout=0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await wait_for(lambda: server.handshaking == 1)
+        await wait_for(lambda: server.pending_handshakes == 1)
         data = await asyncio.wait_for(reader.read(), 3)  # until EOF
         assert data.startswith(b"HTTP/1.1 408 "), data
     finally:
@@ -256,7 +256,7 @@ async def test_client_gone_during_handshake_leaves_nothing(start_server) -> None
         _, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
         writers.append(w)
-    await wait_for(lambda: server.handshaking == 20)
+    await wait_for(lambda: server.pending_handshakes == 20)
     for w in writers:
         w.transport.abort()
     await wait_no_connections(server)

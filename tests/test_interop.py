@@ -20,6 +20,7 @@ import wsproto.events as wse
 from websockets.asyncio.client import connect as ws_connect
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
+from compat import deadline
 from fastws import App, Endpoint
 from wsraw import wait_for, wait_no_connections
 
@@ -367,7 +368,7 @@ async def deflate_round_trip(client: Client, server: Any) -> None:
     ext = client.extensions
     assert ext is not None and ext.startswith("permessage-deflate"), ext
     session = next(iter(server.hub.sessions.values()))
-    assert session._deflate is not None
+    assert session.deflate is not None
     for _name, message in DEFLATE_MESSAGES:
         for _ in range(2):  # twice: the second one exercises any context kept across messages
             await client.send(message)
@@ -508,7 +509,7 @@ async def test_wsproto_client(start_server) -> None:
     events: list[Any] = []
 
     async def pump(until: type, timeout: float = 5) -> Any:
-        async with asyncio.timeout(timeout):
+        async with deadline(timeout):
             while True:
                 for ev in conn.events():
                     events.append(ev)

@@ -546,7 +546,7 @@ async def test_pipelined_echo_of_big_messages_pushes_back_instead_of_cutting_off
 
 async def test_the_http_phase_is_freed_after_the_upgrade(start_server, demo_app) -> None:
     from fastws.handshake import HeadParser
-    from fastws.server import HttpProtocol
+    from fastws.http import HttpProtocol
 
     _, port = await start_server(demo_app)
     clients = [await ws_connect(f"ws://127.0.0.1:{port}/echo") for _ in range(20)]

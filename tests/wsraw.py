@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from compat import deadline
 from fastws._frame import accept_key, encode_frame
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -293,19 +294,21 @@ class RawWS:
             return frame.close
 
     async def wait_eof(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
-        """Wait until the server closes TCP; returns any bytes that came before. Fails on timeout."""
+        """Wait until the server closes TCP (or half-closes it: its FIN), then close our side as
+        every client does; returns any bytes that came before. Fails on timeout."""
         data = b""
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline(timeout):
                 while True:
                     try:
                         chunk = await self.reader.read(65536)
                     except ConnectionError:
                         return data
                     if not chunk:
+                        self.writer.close()
                         return data
                     data += chunk
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise AssertionError(f"server did not close TCP within {timeout} s "
                                  f"(received {len(data)} more bytes)") from None
 
@@ -346,4 +349,4 @@ async def wait_for(predicate, timeout: float = 3.0, interval: float = 0.01) -> N
 
 async def wait_no_connections(server, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
     """No half-open handshakes and no sessions left on ``server``."""
-    await wait_for(lambda: server.handshaking == 0 and not server.hub.sessions, timeout)
+    await wait_for(lambda: server.pending_handshakes == 0 and not server.hub.sessions, timeout)

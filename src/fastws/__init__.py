@@ -8,6 +8,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
         "reinstall with 'pip install --force-reinstall fastws' (building from source needs a C compiler)"
     ) from exc
 
+from fastws.app import App, Config, Endpoint, Response
 from fastws.connection import Session
 from fastws.errors import (
     CloseCode,
@@ -18,7 +19,7 @@ from fastws.errors import (
     WebSocketError,
 )
 from fastws.hub import Hub
-from fastws.server import App, Config, Endpoint, Response, Server, run, serve
+from fastws.server import Server, run, serve
 
 __version__ = "0.1.0"
 

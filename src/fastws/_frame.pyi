@@ -15,6 +15,7 @@ class FrameHandler(Protocol):
     def on_ping(self, payload: bytes) -> object: ...
     def on_pong(self, payload: bytes) -> object: ...
     def on_close(self, code: int, reason: str) -> object: ...  # 1005 when the close frame had no payload
+    def on_backlog(self) -> object: ...  # only with max_frames_per_read: stop reading, call resume() later
 
 class FrameReader:
     """Incremental frame parser that owns its read buffer (asyncio.BufferedProtocol style).
@@ -44,8 +45,14 @@ class FrameReader:
         on_error: Callable[[Exception], object] | None = None,  # buffer_updated reports errors here
     ) -> None: ...
     on_message: Callable[[str | bytes], object]  # swappable
+    on_pong: Callable[[bytes], object] | None  # the handler's on_pong; None: pongs only count as reads
     messages: int  # data messages delivered so far
     reads: int  # buffer_updated calls so far
+    last_read: float  # set_clock()'s value at the last read
+    last_message: float  # set_clock()'s value when the last data message was delivered
+    max_frames_per_read: int  # 0: no cap; else parsing stops there, on_backlog() is called, resume() goes on
+    def stop(self) -> None: ...  # ignore all further input (free the buffers)
+    def resume(self) -> None: ...  # parse what the frame cap left buffered
     def set_inflate(self, inflate: Callable[[bytes], bytes] | None) -> None: ...
     def get_buffer(self, sizehint: int = -1) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...
@@ -84,6 +91,7 @@ class FrameWriter:
     @property
     def corked(self) -> bool: ...
 
+def set_clock(now: float) -> None: ...  # the coarse clock that stamps FrameReader.last_read/last_message
 def encode_frame(
     opcode: int, payload: bytes | str, *, fin: bool = True, rsv1: bool = False, mask: bool = False
 ) -> bytes: ...

@@ -439,10 +439,12 @@ cdef class FrameWriter:
                 self._chunks = []
             self._chunks.append(PyBytes_FromStringAndSize(self._out, self._out_len))
             self._out_len = 0
-            if self._out_cap > LARGE_PAYLOAD:  # do not keep a big buffer per connection
-                PyMem_Free(self._out)
-                self._out = NULL
-                self._out_cap = 0
+        if self._out != NULL and self._cork_depth == 0:
+            # between reads the writer holds nothing: a connection that has exchanged
+            # messages costs what an idle one does
+            PyMem_Free(self._out)
+            self._out = NULL
+            self._out_cap = 0
         return 0
 
     cdef int _flush(self) except -1:
@@ -595,6 +597,16 @@ cdef char *scratch_buffer() except? NULL:
     return _scratch
 
 
+# A coarse clock the event loop's keepalive scheduler advances (set_clock): each read
+# stamps its reader with it, so liveness needs no Python call and no float per read.
+cdef double _clock = 0.0
+
+def set_clock(double now):
+    """Advance the clock that stamps FrameReader.last_read / last_message."""
+    global _clock
+    _clock = now
+
+
 cdef class FrameReader:
     """Incremental RFC 6455 frame parser; see _frame.pyi for the contract."""
 
@@ -632,6 +644,11 @@ cdef class FrameReader:
     cdef uint8_t _direct_key[4]
     cdef public Py_ssize_t messages  # data messages delivered (idle detection reads it)
     cdef public Py_ssize_t reads     # buffer_updated calls (keepalive: any bytes mean the peer lives)
+    cdef public double last_read     # the clock (set_clock) at the last read
+    cdef public double last_message  # the clock at the last data message delivered
+    cdef public object on_pong       # None: pongs are only counted as reads
+    cdef public Py_ssize_t max_frames_per_read  # 0: no cap; else the rest waits for resume()
+    cdef bint _backlog               # the cap stopped a parse: the handler was told (on_backlog)
 
     def __cinit__(self):
         self._buf = NULL
@@ -640,6 +657,7 @@ cdef class FrameReader:
     def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
                  inflate=None, FrameWriter writer=None, on_error=None):
         self.on_message = handler.on_message
+        self.on_pong = getattr(handler, "on_pong", None)
         self._handler = handler
         self._on_error = on_error
         self._is_server = is_server
@@ -658,6 +676,25 @@ cdef class FrameReader:
     @property
     def closed(self):
         return self._closed
+
+    def stop(self):
+        """Ignore all further input (after failing a connection: RFC 6455 7.1.7)."""
+        self._closed = True
+        self._backlog = False
+        self._pending_close = None
+        self._discard()
+
+    def resume(self):
+        """Parse what a frame cap (max_frames_per_read) left buffered."""
+        if not self._backlog:
+            return
+        self._backlog = False
+        try:
+            self._process(self._buf, self._buf_len, False)
+        except Exception as exc:
+            if self._on_error is None:
+                raise
+            self._on_error(exc)
 
     @property
     def buffered(self):
@@ -701,6 +738,7 @@ cdef class FrameReader:
     def buffer_updated(self, Py_ssize_t nbytes):
         global _scratch_busy
         self.reads += 1
+        self.last_read = _clock
         try:
             if self._in_direct:
                 self._in_direct = False
@@ -767,6 +805,7 @@ cdef class FrameReader:
                 self._deliver(OPC_TEXT, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), False)
             else:
                 self.messages += 1
+                self.last_message = _clock
                 self.on_message(message)  # the very object the payload was read into: no copy
         finally:
             if self._writer is not None:
@@ -817,6 +856,8 @@ cdef class FrameReader:
                 self._handler.on_close(code, reason)
             return 0
         self._keep_tail(data, n, used, from_scratch)
+        if self._backlog:
+            self._handler.on_backlog()  # stop reading; call resume() from the loop later
         return 0
 
     cdef int _keep_tail(self, char *data, Py_ssize_t n, Py_ssize_t used, bint from_scratch) except -1:
@@ -860,7 +901,12 @@ cdef class FrameReader:
         cdef uint8_t *key
         cdef uint8_t *payload
         cdef int i
+        cdef Py_ssize_t frames = 0
+        self._backlog = False
         while not self._closed:
+            if self.max_frames_per_read and frames >= self.max_frames_per_read:
+                self._backlog = True  # fairness: the rest of this input waits for the next turn
+                break
             limit = self.max_message_size
             avail = n - pos
             if avail < 2:
@@ -934,6 +980,7 @@ cdef class FrameReader:
             if not whole:
                 break
             # a complete frame
+            frames += 1
             pos += hdr + <Py_ssize_t>length
             self._consumed = pos
             self._done = 0
@@ -1025,16 +1072,17 @@ cdef class FrameReader:
         else:
             message = PyBytes_FromStringAndSize(data, n)
         self.messages += 1
+        self.last_message = _clock
         self.on_message(message)
         return 0
 
     cdef int _control(self, int opcode, char *data, Py_ssize_t n) except -1:
-        cdef bytes payload = PyBytes_FromStringAndSize(data, n)
-        if opcode == OPC_PING:
-            self._handler.on_ping(payload)
-        elif opcode == OPC_PONG:
-            self._handler.on_pong(payload)
+        if opcode == OPC_PONG:
+            if self.on_pong is not None:  # else the read itself was the sign of life
+                self.on_pong(PyBytes_FromStringAndSize(data, n))
+        elif opcode == OPC_PING:
+            self._handler.on_ping(PyBytes_FromStringAndSize(data, n))
         else:
-            self._pending_close = _parse_close(payload)
+            self._pending_close = _parse_close(PyBytes_FromStringAndSize(data, n))
             self._closed = True
         return 0

@@ -7,7 +7,8 @@ import importlib
 import logging
 import sys
 
-from fastws.server import App, Config, run
+from fastws.app import App, Config
+from fastws.server import run
 
 
 def load_app(spec: str) -> App:

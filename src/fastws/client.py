@@ -27,8 +27,8 @@ per frame (RFC 6455 5.3).
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
+import logging
 import ssl as _ssl
 import sys
 import time
@@ -36,19 +36,28 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastws._frame import FrameReader, FrameWriter
-from fastws.connection import READY
+from fastws._frame import OP_CLOSE, FrameReader, FrameWriter
 from fastws.errors import CloseCode, ConnectionClosed, HandshakeError, ProtocolError
 from fastws.handshake import check_client_response, client_request, new_key
+from fastws.protocol import (
+    CLOSED,
+    CLOSING,
+    CONNECTING,
+    NORMAL_ENDS,
+    OPEN,
+    READY,
+    STATE_NAMES,
+    Inbox,
+    WebSocketProtocol,
+    drop_message,
+)
 
-__all__ = ["connect", "ClientConnection", "parse_url", "WSURL", "READY"]
+__all__ = ["connect", "ClientConnection", "parse_url", "WSURL", "READY", "CONNECTING", "OPEN", "CLOSING", "CLOSED"]
 
-# States
-CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
+log = logging.getLogger("fastws.client")
 
 MAX_RESPONSE_HEAD = 65536
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
-_NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
 
 
 class WSURL:
@@ -92,19 +101,19 @@ def parse_url(url: str) -> WSURL:
     return WSURL(secure, host, port, resource, host_header)
 
 
-class ClientConnection(asyncio.BufferedProtocol):
+class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
     """A client WebSocket connection: send / recv / ping / close.
 
     Created by :func:`connect`.  ``send`` returns an awaitable that is free when
     no waiting is needed (like the server's Session): ``await ws.send(x)`` waits
-    while the server is slow to read, ``ws.send(x)`` alone never blocks.
+    while the server is slow to read, ``ws.send(x)`` alone never blocks.  The
+    closing handshake is fastws.protocol's (the client side of it).
     """
 
     __slots__ = (
         "get_buffer",
         "_loop",
         "_transport",
-        "_state",
         "_request",
         "_key",
         "_subprotocols",
@@ -118,28 +127,22 @@ class ClientConnection(asyncio.BufferedProtocol):
         "_writer",
         "subprotocol",
         "deflate",
-        "_close_code",
-        "_close_reason",
-        "_close_sent",
-        "_close_received",
         "_closed_fut",
-        "_close_timeout",
-        "_close_timer",
-        "_queue",
-        "_max_queue",
-        "_waiter",
+        "_timeout",
+        "_inbox",
         "_paused",
         "_drain",
         "_pings",
         "_ping_seq",
         "pings_received",
         "_on_close",
-        "_error",
         "response_head",
         "local_address",
         "_coalesce",
         "__weakref__",
     )
+
+    is_server = False
 
     def __init__(
         self,
@@ -156,10 +159,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         max_queue: int = 64,
         coalesce: bool = True,
     ) -> None:
+        self._init_protocol(CONNECTING)
         self._loop = loop
         self._coalesce = coalesce
         self._transport: asyncio.Transport | None = None
-        self._state = CONNECTING
         self._request = request
         self._key = key
         self._subprotocols = tuple(subprotocols)
@@ -177,22 +180,18 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.deflate: Any = None
         self.response_head = b""
         self.local_address: Any = None
-        self._close_code = int(CloseCode.ABNORMAL)
-        self._close_reason = ""
-        self._close_sent = False
-        self._close_received = False
         self._closed_fut: asyncio.Future[None] = loop.create_future()
-        self._close_timeout = close_timeout
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._queue: collections.deque[Any] = collections.deque()
-        self._max_queue = max_queue
-        self._waiter: asyncio.Future[None] | None = None
+        self._timeout = close_timeout
+        self._inbox = Inbox(loop, self._inbox_flow, max_messages=max_queue, max_bytes=0)
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
         self._ping_seq = 0
         self.pings_received = 0
-        self._error: BaseException | None = None
+
+    @property
+    def close_timeout(self) -> float:  # type: ignore[override]
+        return self._timeout
 
     # -- opening handshake --------------------------------------------------------
 
@@ -210,12 +209,19 @@ class ClientConnection(asyncio.BufferedProtocol):
         if reader is not None:
             try:
                 reader.buffer_updated(nbytes)
-            except ProtocolError as exc:
-                self._fail(exc.code, exc.reason)
+            except Exception as exc:
+                self._read_error(exc)
             return
         if self._state != CONNECTING or self._hbuf is None:
             return
         self._handshake_data(bytes(self._hbuf[:nbytes]))
+
+    def _read_error(self, exc: Exception) -> None:
+        if isinstance(exc, ProtocolError):
+            self.fail(exc.code, exc.reason)
+        else:  # an on_message callback raised
+            log.error("error in the on_message callback of %r", self, exc_info=exc)
+            self.fail(CloseCode.INTERNAL_ERROR, "client error")
 
     def _handshake_data(self, data: bytes) -> None:
         head = self._head + data
@@ -257,7 +263,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             writer=writer if self._coalesce else None,
             inflate=pmd.decompress if pmd else None,
         )
-        reader.on_message = self._on_message if self._on_message is not None else self._enqueue
+        reader.on_message = self._on_message if self._on_message is not None else self._inbox.put
         self._reader = reader
         transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
         self.get_buffer = reader.get_buffer  # type: ignore[method-assign]
@@ -268,8 +274,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         if rest:
             try:
                 reader.feed(rest)
-            except ProtocolError as exc:
-                self._fail(exc.code, exc.reason)
+            except Exception as exc:
+                self._read_error(exc)
 
     def _open_failed(self, exc: BaseException) -> None:
         self._state = CLOSED
@@ -285,30 +291,31 @@ class ClientConnection(asyncio.BufferedProtocol):
     # -- asyncio protocol ---------------------------------------------------------
 
     def eof_received(self) -> bool:
-        return False
+        if self._state == CONNECTING:
+            return False
+        self.receive_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_open = self._reader is not None
-        self._state = CLOSED
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        self.connection_ended()
         if not was_open:
             self._fail_open(exc or ConnectionResetError("connection closed during the opening handshake"))
         if not self._closed_fut.done():
             self._closed_fut.set_result(None)
+        error = self.connection_closed_error()
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
-            drain.set_exception(ConnectionClosed(self._close_code, self._close_reason))
+            drain.set_exception(error)
             drain.exception()
         for fut, _ in self._pings.values():
             if not fut.done():
-                fut.set_exception(ConnectionClosed(self._close_code, self._close_reason))
+                fut.set_exception(error)
                 fut.exception()
         self._pings.clear()
-        self._wake()
+        self._inbox.end(error)
         if self._on_close is not None and was_open:
-            self._on_close(self._close_code, self._close_reason)
+            self._on_close(*self.close_info())
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -318,6 +325,15 @@ class ClientConnection(asyncio.BufferedProtocol):
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+    def _inbox_flow(self, more: bool) -> None:
+        transport = self._transport
+        if transport is None or self._state != OPEN:
+            return
+        if more and not transport.is_reading():
+            transport.resume_reading()
+        elif not more and transport.is_reading():
+            transport.pause_reading()  # recv() is behind: TCP pushes back on the server
 
     # -- wire-core callbacks ------------------------------------------------------
 
@@ -344,16 +360,42 @@ class ClientConnection(asyncio.BufferedProtocol):
                 break
 
     def on_close(self, code: int, reason: str) -> None:
-        self._close_received = True
-        self._close_code, self._close_reason = code, reason
-        if not self._close_sent:
-            self._close_sent = True
-            assert self._writer is not None
-            # Echo the code (RFC 6455 5.5.1); 1005 means "no payload": echo none.
-            self._writer.send_frame(0x8, b"" if code == CloseCode.NO_STATUS else code.to_bytes(2, "big"))
-        self._state = CLOSING
-        # The server closes TCP first (RFC 6455 7.1.1); give it close_timeout.
-        self._arm_close_timer()
+        self.receive_close(code, reason)
+        self._inbox.end(self.connection_closed_error())  # recv() drains what came before, then raises
+
+    # -- state machine hooks (fastws.protocol) -------------------------------------------
+
+    def _write_close(self, payload: bytes) -> None:
+        if self._writer is not None:
+            self._writer.send_frame(OP_CLOSE, payload)
+
+    def _drop_messages(self) -> None:
+        if self._reader is not None:
+            self._reader.on_message = drop_message
+
+    def _discard_input(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+        self._inbox.end(self.connection_closed_error())
+
+    def _keep_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_reading() and not transport.is_closing():
+            transport.resume_reading()
+
+    def _shutdown_write(self) -> None:  # pragma: no cover - a client waits for the server's FIN instead
+        pass
+
+    def _close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _call_later(self, delay: float, callback: Callable[[], Any]) -> Any:
+        return self._loop.call_later(delay, callback)
 
     # -- public API ---------------------------------------------------------------
 
@@ -375,13 +417,13 @@ class ClientConnection(asyncio.BufferedProtocol):
     def set_on_message(self, callback: Callable[[Any], Any] | None) -> None:
         """Route messages to ``callback`` (None: back to the recv() queue)."""
         self._on_message = callback
-        if self._reader is not None:
-            self._reader.on_message = callback if callback is not None else self._enqueue
+        if self._reader is not None and self._state == OPEN:
+            self._reader.on_message = callback if callback is not None else self._inbox.put
 
     def send(self, message: str | bytes | bytearray | memoryview) -> Any:
         """Send one message (str: text, bytes-like: binary); await the result to respect backpressure."""
         if self._state != OPEN:
-            raise ConnectionClosed(self._close_code, self._close_reason)
+            raise self.connection_closed_error()
         assert self._writer is not None
         self._writer.send(message)
         if self._paused:
@@ -401,7 +443,7 @@ class ClientConnection(asyncio.BufferedProtocol):
     def ping(self, payload: bytes | None = None) -> asyncio.Future[float]:
         """Send a ping; the returned future resolves to the round-trip time (s) when the pong arrives."""
         if self._state != OPEN:
-            raise ConnectionClosed(self._close_code, self._close_reason)
+            raise self.connection_closed_error()
         if payload is None:
             self._ping_seq += 1
             payload = self._ping_seq.to_bytes(4, "big")
@@ -416,7 +458,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._writer.send_ping(payload)
         return fut
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = 1000, reason: str = "") -> None:  # type: ignore[override]
         """Closing handshake: send a close frame, wait for the server's and for TCP to end
         (at most ``close_timeout`` seconds, then drop the connection)."""
         self.start_close(code, reason)
@@ -428,94 +470,29 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self._state == CONNECTING:
             self.abort()
             return
-        if self._state == CLOSED:
-            return
-        if not self._close_sent:
-            self._close_sent = True
-            self._state = CLOSING
-            assert self._writer is not None
-            self._writer.send_close(code, reason)
-        self._arm_close_timer()
-
-    def _arm_close_timer(self) -> None:
-        if self._close_timer is None and self._state != CLOSED:
-            self._close_timer = self._loop.call_later(self._close_timeout, self.abort)
+        WebSocketProtocol.close(self, code, reason)
 
     def abort(self) -> None:
         """Drop the TCP connection now."""
-        if self._transport is not None:
-            self._transport.abort()
+        self._abort_transport()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed_fut)
-
-    def _fail(self, code: int, reason: str) -> None:
-        """The server broke the protocol: send a close frame and drop TCP (RFC 6455 7.1.7)."""
-        self._error = ProtocolError(code, reason)
-        if not self._close_sent:
-            self._close_sent = True
-            self._close_code, self._close_reason = code, reason
-            assert self._writer is not None
-            try:
-                self._writer.send_close(code, reason[:120])
-            except ValueError:
-                self._writer.send_close(code, "")
-        self._state = CLOSING
-        if self._transport is not None:
-            self._transport.close()
-        self._arm_close_timer()
-
-    @property
-    def closed(self) -> bool:
-        return self._state != OPEN
 
     @property
     def state(self) -> int:
         return self._state
 
-    @property
-    def close_code(self) -> int | None:
-        """The code of the server's close frame (1005 without one, 1006 if TCP dropped); None while open."""
-        return None if self._state in (OPEN, CONNECTING) else int(self._close_code)
-
-    @property
-    def close_reason(self) -> str:
-        return self._close_reason
-
     # -- receiving ------------------------------------------------------------------
-
-    def _enqueue(self, message: Any) -> None:
-        queue = self._queue
-        queue.append(message)
-        if len(queue) >= self._max_queue and self._transport is not None:
-            self._transport.pause_reading()
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     async def recv(self) -> str | bytes:
         """The next message; raises ConnectionClosed once the connection is over."""
-        while True:
-            queue = self._queue
-            if queue:
-                message = queue.popleft()
-                if (
-                    len(queue) < self._max_queue // 2
-                    and self._transport is not None
-                    and self._state == OPEN
-                    and not self._transport.is_reading()
-                ):
-                    self._transport.resume_reading()
-                return message
-            if self._state == CLOSED or self._state == CLOSING and self._close_received:
-                if self._state != CLOSED:
-                    await asyncio.shield(self._closed_fut)
-                raise ConnectionClosed(self._close_code, self._close_reason)
-            self._waiter = self._loop.create_future()
-            await self._waiter
+        try:
+            return await self._inbox.get()
+        except ConnectionClosed:
+            if self._state != CLOSED:
+                await asyncio.shield(self._closed_fut)  # the code is final once TCP has ended
+            raise self.connection_closed_error() from None
 
     def __aiter__(self) -> AsyncIterator[str | bytes]:
         return self._iterate()
@@ -525,7 +502,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             while True:
                 yield await self.recv()
         except ConnectionClosed as exc:
-            if exc.code not in _NORMAL_ENDS:
+            if exc.code not in NORMAL_ENDS:
                 raise
 
     async def __aenter__(self) -> ClientConnection:
@@ -535,8 +512,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         await self.close()
 
     def __repr__(self) -> str:
-        state = {CONNECTING: "connecting", OPEN: "open", CLOSING: "closing", CLOSED: "closed"}[self._state]
-        return f"<ClientConnection {state} local={self.local_address}>"
+        return f"<ClientConnection {STATE_NAMES[self._state]} local={self.local_address}>"
 
 
 _parse_url_cached = functools.lru_cache(maxsize=256)(parse_url)

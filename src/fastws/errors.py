@@ -62,12 +62,18 @@ class HandshakeError(WebSocketError):
 
 
 class ConnectionClosed(WebSocketError):
-    """The connection is closed; ``code`` and ``reason`` say how."""
+    """The connection is closed (or closing).
 
-    def __init__(self, code: int, reason: str = "") -> None:
+    ``code`` and ``reason`` say why: those of the first close frame, whichever
+    side sent it (1005 if the peer's had no code, 1006 if TCP ended without
+    one).  ``sent`` is (code, reason) of the close frame this side sent, or None.
+    """
+
+    def __init__(self, code: int, reason: str = "", sent: tuple[int, str] | None = None) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.sent = sent
 
     def __str__(self) -> str:
         return f"connection closed with code {self.code}" + (f": {self.reason}" if self.reason else "")

@@ -447,8 +447,13 @@ def http_response(
     headers: Sequence[tuple[str, str]] = (),
     content_type: str = "text/plain; charset=utf-8",
     keep_alive: bool = False,
+    include_body: bool = True,
 ) -> bytes:
-    """A complete HTTP/1.1 response. ``headers`` may override Content-Type and Connection."""
+    """A complete HTTP/1.1 response. ``headers`` may override Content-Type and Connection.
+
+    ``include_body=False`` answers a HEAD request: the same head, no body.
+    Raises ValueError for a header that would split the response (CR, LF, NUL).
+    """
     if isinstance(body, str):
         body = body.encode("utf-8")
     try:
@@ -472,7 +477,7 @@ def http_response(
         _check_field(name, value)
         lines.append(f"{name}: {value}")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1") + body
+    return "\r\n".join(lines).encode("latin-1") + (body if include_body else b"")
 
 
 def error_response(err: HandshakeError) -> bytes:

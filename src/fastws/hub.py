@@ -61,13 +61,20 @@ class Hub:
     def get(self, session_id: int) -> Session | None:
         return self.sessions.get(session_id)
 
-    def set_user(self, session: Session, user: Any) -> None:
-        """Tag ``session`` as belonging to ``user`` (one user may have many sessions)."""
+    def set_user(self, session: Session, user: Any) -> bool:
+        """Tag ``session`` as belonging to ``user`` (one user may have many sessions).
+
+        A session that is closing or closed is not registered (False): it would
+        never be removed.
+        """
+        if session.closed:
+            return False
         if session.user is not None:
             self._discard(self._by_user, session.user, session)
         session.user = user
         if user is not None:
             self._by_user.setdefault(user, set()).add(session)
+        return True
 
     def user_sessions(self, user: Any) -> list[Session]:
         return list(self._by_user.get(user, ()))
@@ -78,11 +85,15 @@ class Hub:
 
     # -- rooms ------------------------------------------------------------------
 
-    def join(self, session: Session, room: str) -> None:
+    def join(self, session: Session, room: str) -> bool:
+        """Add ``session`` to ``room``; False (and nothing kept) if the session is closing or closed."""
+        if session.closed:
+            return False
         self._rooms.setdefault(room, set()).add(session)
         if session.rooms is None:
             session.rooms = set()
         session.rooms.add(room)
+        return True
 
     def leave(self, session: Session, room: str) -> None:
         self._discard(self._rooms, room, session)
@@ -128,7 +139,7 @@ class Hub:
         for session in list(targets):  # a send may close a slow session and mutate the set
             if session is exclude or session.closed:
                 continue
-            deflate = session._deflate
+            deflate = session.deflate
             if deflate is None:
                 key: Any = None
             elif deflate.local_no_context_takeover:

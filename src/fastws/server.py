@@ -1,271 +1,26 @@
-"""The server: routing, endpoints, the HTTP phase, keepalive, shutdown, workers."""
+"""The server of one process: listening sockets, sessions, keepalive, the send budget, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
-import ipaddress
-import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
-from fastws.connection import Session
-from fastws.errors import CloseCode, HandshakeError
-from fastws.handshake import (
-    DeflateOptions,
-    HeadParser,
-    Request,
-    accept,
-    error_response,
-    http_response,
-    is_websocket_upgrade,
-)
-from fastws.hub import Hub
+from fastws.app import App, Config
+from fastws.errors import CloseCode, ProtocolError
+from fastws.http import HttpProtocol
+from fastws.keepalive import Keepalive
+
+if TYPE_CHECKING:
+    from fastws.connection import Session
 
 log = logging.getLogger("fastws")
-
-
-TRANSPORTS = ("uvloop", "aiofastnet")
-
-
-@dataclass
-class Config:
-    """Server options; the defaults are meant for production."""
-
-    max_message_size: int = 1 << 20  # bytes; larger messages close with 1009
-    ping_interval: float | None = 20.0  # seconds of silence before we ping (below nginx's 60 s)
-    ping_timeout: float = 20.0  # seconds to wait for any bytes after a ping
-    close_timeout: float = 5.0  # seconds to wait for the peer's close frame / our flush
-    handshake_timeout: float = 10.0  # seconds for the whole request head (slowloris)
-    idle_timeout: float | None = None  # close (1001) after this long without a data message
-    max_head_size: int = 8192
-    max_headers: int = 64
-    max_connections: int = 0  # 0 = no limit; when full, new upgrades get 503
-    write_high_water: int = 64 * 1024  # transport buffer size where send() starts to wait
-    max_send_buffer: int = 4 * 1024 * 1024  # non-awaited sends past this cut the peer off (1008)
-    max_queue: int = 64  # messages queued for an async handler before reading pauses
-    allowed_origins: Sequence[str] | None = None  # None = any Origin
-    subprotocols: Sequence[str] = ()  # in order of preference
-    select_subprotocol: Callable[[Request, list[str]], str | None] | None = None
-    compression: bool = False  # permessage-deflate (RFC 7692)
-    compress_threshold: int = 128
-    compression_no_context_takeover: bool = True  # bounded memory: no per-connection window kept
-    trusted_proxies: Sequence[str] = ()  # addresses/networks whose X-Forwarded-For we believe
-    drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to close
-    transport: str = "uvloop"  # "uvloop": the loop's own transports; "aiofastnet": aiofastnet's (Cython)
-    deflate: DeflateOptions = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
-        nct = self.compression_no_context_takeover
-        self.deflate = DeflateOptions(
-            enabled=self.compression, compress_threshold=self.compress_threshold,
-            server_no_context_takeover=nct, client_no_context_takeover=nct)
-        self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
-
-    def is_trusted_proxy(self, host: str) -> bool:
-        if not self._proxies:
-            return False
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(addr in net for net in self._proxies)
-
-
-class Endpoint:
-    """Subclass and route it: one instance per connection.
-
-    ``self.session`` sends and closes, ``self.hub`` finds other sessions and
-    rooms, ``self.params`` holds the path parameters.  Every hook may be a
-    plain method or ``async def``; messages are handled in order either way.
-    """
-
-    session: Session
-    hub: Hub
-    params: dict[str, str]
-
-    def on_open(self) -> Any:
-        pass
-
-    def on_message(self, message: str | bytes) -> Any:
-        pass
-
-    def on_close(self, code: int, reason: str) -> Any:
-        pass
-
-    def on_error(self, exc: BaseException) -> Any:
-        """Called with an exception raised by another hook (the session closes with 1011)."""
-
-
-Handler = Callable[[Session], Awaitable[Any]]
-HttpHandler = Callable[[Request], Any]
-Target = type[Endpoint] | Handler
-
-
-@dataclass
-class Response:
-    """A plain HTTP answer for an HTTP route."""
-
-    body: str | bytes = b""
-    status: int = 200
-    content_type: str = "text/plain; charset=utf-8"
-    headers: Sequence[tuple[str, str]] = ()
-
-
-class App:
-    """Routes paths (``/chat/{room}``) to Endpoint classes, handler coroutines and HTTP handlers."""
-
-    def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern[str], str, Any]] = []
-        self.hub = Hub()
-        self.http("/healthz")(self._healthz)
-        self.server: Server | None = None
-
-    def route(self, path: str) -> Callable[[Target], Target]:
-        """Route WebSocket upgrades on ``path`` to an Endpoint subclass or ``async def handler(ws)``."""
-
-        def register(target: Target) -> Target:
-            if isinstance(target, type) and issubclass(target, Endpoint):
-                kind = "endpoint"
-            elif inspect.iscoroutinefunction(target):
-                kind = "handler"
-            else:
-                raise TypeError(f"{target!r} is neither an Endpoint subclass nor an async function")
-            self._add(path, kind, target)
-            return target
-
-        return register
-
-    def http(self, path: str) -> Callable[[HttpHandler], HttpHandler]:
-        """Route plain HTTP GETs on ``path`` to ``handler(request)`` returning str, bytes, dict or Response."""
-
-        def register(handler: HttpHandler) -> HttpHandler:
-            self._add(path, "http", handler)
-            return handler
-
-        return register
-
-    def _add(self, path: str, kind: str, target: Any) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"route {path!r} must start with '/'")
-        pattern = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path))
-        # a later registration of the same path replaces the earlier one (e.g. /healthz)
-        self._routes = [r for r in self._routes if r[0].pattern != f"^{pattern}$"]
-        self._routes.append((re.compile(f"^{pattern}$"), kind, target))
-
-    def match(self, path: str) -> tuple[str, Any, dict[str, str]] | None:
-        for regex, kind, target in self._routes:
-            m = regex.match(path)
-            if m:
-                return kind, target, m.groupdict()
-        return None
-
-    def _healthz(self, request: Request) -> dict[str, Any]:
-        server = self.server
-        return {"status": "ok", "pid": os.getpid(),
-                "connections": len(self.hub.sessions), **(server.stats if server else {})}
-
-
-class HttpProtocol(asyncio.Protocol):
-    """Reads one HTTP request head, then answers it or upgrades to a Session."""
-
-    __slots__ = ("_server", "_transport", "_parser", "_timer", "_upgraded")
-
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        cfg = server.config
-        self._parser = HeadParser(max_head_size=cfg.max_head_size, max_headers=cfg.max_headers)
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._upgraded = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        self._server.handshaking += 1
-        self._timer = self._server.loop.call_later(self._server.config.handshake_timeout, self._timed_out)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self._upgraded:
-            self._server.handshaking -= 1
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._reply(http_response(408, f"request head not received within "
-                                       f"{self._server.config.handshake_timeout:g} s\n"))
-
-    def data_received(self, data: bytes) -> None:
-        if self._upgraded or self._transport is None or self._transport.is_closing():
-            return
-        try:
-            request = self._parser.feed(data)
-        except HandshakeError as err:
-            self._server.stats["handshake_failures"] += 1
-            self._reply(error_response(err))
-            return
-        if request is not None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._dispatch(request)
-
-    def _reply(self, response: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(response)
-        self._transport.close()
-
-    def _dispatch(self, request: Request) -> None:
-        server = self._server
-        route = server.app.match(request.path)
-        if route is None:
-            self._reply(http_response(404, f"no route for {request.path}\n"))
-            return
-        kind, target, params = route
-        if kind == "http":
-            self._reply(server.http_answer(target, request))
-            return
-        try:
-            if not is_websocket_upgrade(request):
-                raise HandshakeError(426, f"{request.path} is a WebSocket endpoint: send an Upgrade: websocket "
-                                          "request", [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")])
-            cfg = server.config
-            if cfg.max_connections and len(server.hub.sessions) >= cfg.max_connections:
-                raise HandshakeError(503, f"server is at its limit of {cfg.max_connections} connections",
-                                     [("Retry-After", "5")])
-            accepted = accept(request, subprotocols=cfg.subprotocols, select_subprotocol=cfg.select_subprotocol,
-                              allowed_origins=cfg.allowed_origins, deflate=cfg.deflate,
-                              max_message_size=cfg.max_message_size)
-        except HandshakeError as err:
-            server.stats["handshake_failures"] += 1
-            self._reply(error_response(err))
-            return
-        except Exception:  # e.g. a select_subprotocol hook that raised
-            log.exception("error while accepting a WebSocket upgrade on %s", request.path)
-            self._reply(http_response(500, "internal server error\n"))
-            return
-        transport = self._transport
-        assert transport is not None
-        self._upgraded = True
-        server.handshaking -= 1
-        transport.write(accepted.response)
-        request.headers = request.headers.packed()  # kept for the session's life: keep it small
-        session = Session(server, request, server.client_address(transport, request),
-                          accepted.subprotocol, accepted.deflate)
-        initial = self._parser.rest
-        self._parser = self._transport = None  # type: ignore[assignment]  # the session owns the connection now
-        server.open_session(session, transport, kind, target, params, initial)
 
 
 class Server:
@@ -277,19 +32,35 @@ class Server:
         self.hub = app.hub
         app.server = self
         self.loop = asyncio.get_running_loop()
-        self.handshaking = 0
         self.stats = {"connections_total": 0, "handshake_failures": 0, "protocol_errors": 0,
-                      "handler_errors": 0, "slow_consumers": 0, "keepalive_timeouts": 0}
+                      "handler_errors": 0, "slow_consumers": 0, "send_budget_cutoffs": 0,
+                      "keepalive_timeouts": 0, "pending_handshakes_refused": 0}
+        self.keepalive = Keepalive(self.loop, self.config, self.stats)
         self._servers: list[asyncio.AbstractServer] = []
+        self._http: set[HttpProtocol] = set()  # connections still in the HTTP phase
+        self._tasks: set[asyncio.Task[Any]] = set()  # application code we started: referenced until done
         self._next_id = 0
-        self._keepalive: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
+        self._started = False
+        self._stopping = False
+        self._all_gone = asyncio.Event()
+        self._all_gone.set()
+        # the send budget: bytes held for peers whose transports are paused (slow readers)
+        self._unsent: dict[Session, int] = {}
+        self.unsent_bytes = 0
 
     def next_session_id(self) -> int:
         self._next_id += 1
         return self._next_id
 
-    # -- listening ---------------------------------------------------------------
+    @property
+    def session_count(self) -> int:
+        return len(self.hub.sessions)
+
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._http)
+
+    # -- listening -------------------------------------------------------------------------
 
     async def listen(self, host: str = "127.0.0.1", port: int = 8000, *, sock: socket.socket | None = None,
                      reuse_port: bool = False, backlog: int = 4096) -> list[tuple[str, int]]:
@@ -300,200 +71,157 @@ class Server:
             create_server = functools.partial(aiofastnet.create_server, self.loop)
         else:
             create_server = self.loop.create_server
+        factory = functools.partial(HttpProtocol, self)
         if sock is not None:
-            srv = await create_server(lambda: HttpProtocol(self), sock=sock, backlog=backlog)
+            srv = await create_server(factory, sock=sock, backlog=backlog)
         else:
-            srv = await create_server(lambda: HttpProtocol(self), host, port,
-                                      reuse_port=reuse_port or None, backlog=backlog)
+            srv = await create_server(factory, host, port, reuse_port=reuse_port or None, backlog=backlog)
         self._servers.append(srv)
-        if self._keepalive is None:
-            self._keepalive = self.loop.create_task(self._keepalive_loop())
+        if not self._started:
+            self._started = True
             backplane = self.hub.backplane
             if backplane is not None and hasattr(backplane, "start"):
                 await backplane.start()
         return [s.getsockname()[:2] for s in srv.sockets]
 
-    # -- sessions ----------------------------------------------------------------
+    # -- the HTTP phase ------------------------------------------------------------------------
 
-    def client_address(self, transport: asyncio.BaseTransport, request: Request) -> str:
-        peer = transport.get_extra_info("peername")
-        host = peer[0] if peer else "unknown"
-        if not self.config.is_trusted_proxy(host):
-            return host
-        # Walk X-Forwarded-For from the right: the first hop we do not trust is the client.
-        hops = [h.strip() for value in request.headers.get_all("x-forwarded-for") for h in value.split(",")]
-        for hop in reversed([h for h in hops if h]):
-            if not self.config.is_trusted_proxy(hop):
-                return hop
-        return request.headers.get("x-real-ip") or host
+    def http_started(self, proto: HttpProtocol) -> bool:
+        """A connection entered the HTTP phase; False when it must be refused (too many, or stopping)."""
+        if self._stopping:
+            return False
+        if len(self._http) >= self.config.max_pending_handshakes:
+            self.stats["pending_handshakes_refused"] += 1
+            return False
+        self._http.add(proto)
+        return True
 
-    def open_session(self, session: Session, transport: asyncio.Transport, kind: str, target: Any,
-                     params: dict[str, str], initial: bytes) -> None:
+    def http_ended(self, proto: HttpProtocol) -> None:
+        self._http.discard(proto)
+
+    def handshake_failed(self, status: int) -> None:
+        self.stats["handshake_failures"] += 1
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def session_opened(self, session: Session) -> None:
+        """A session's endpoint or handler exists: it joins the hub and keepalive."""
         self.stats["connections_total"] += 1
         self.hub.add(session)
-        if kind == "handler":
-            session.attach(transport, None, None, queued=True)
-            session._queue_task = self.loop.create_task(self._run_handler(session, target))
-            session.data_received(initial)
-            return
-        endpoint = target()
-        endpoint.session = session
-        endpoint.hub = self.hub
-        endpoint.params = params
-        on_message = endpoint.on_message
-        open_result = None
-        async_open = inspect.iscoroutinefunction(endpoint.on_open)
-        session.attach(transport, endpoint, on_message,
-                       queued=async_open or inspect.iscoroutinefunction(on_message))
-        if async_open:
-            session._queue_task = self.loop.create_task(self._open_async(session, endpoint))
-        else:
-            try:
-                open_result = endpoint.on_open()
-            except Exception as exc:
-                self.handler_error(session, exc)
-                return
-        del open_result
-        session.data_received(initial)
+        self.keepalive.add(session)
+        self._all_gone.clear()
 
-    async def _open_async(self, session: Session, endpoint: Endpoint) -> None:
-        try:
-            await endpoint.on_open()
-        except Exception as exc:
-            self.handler_error(session, exc)
-            return
-        finally:
-            session._queue_task = None
-        if session._queue and session._queue_handler is not None:
-            session._queue_task = self.loop.create_task(session._run_queue(session._queue_handler))
-
-    async def _run_handler(self, session: Session, handler: Handler) -> None:
-        try:
-            await handler(session)
-        except Exception as exc:
-            self.handler_error(session, exc)
-        else:
-            session.close(CloseCode.NORMAL)
-
-    def handler_error(self, session: Session, exc: BaseException) -> None:
-        """User code raised: log it, tell on_error, close with 1011 (never re-raise into the loop)."""
-        from fastws.errors import ConnectionClosed
-
-        if isinstance(exc, ConnectionClosed):
-            return  # sending on a closed session inside a handler: not an application error
-        self.stats["handler_errors"] += 1
-        log.error("error in handler for %s", session.request.path, exc_info=exc)
-        endpoint = session.endpoint
-        if endpoint is not None:
-            try:
-                result = endpoint.on_error(exc)
-                if inspect.iscoroutine(result):
-                    self.loop.create_task(result)
-            except Exception:
-                log.exception("error in on_error")
-        session.close(CloseCode.INTERNAL_ERROR, "internal server error")
-
-    def session_closed(self, session: Session, code: int, reason: str) -> None:
-        """Called once per session when its TCP connection is gone."""
+    def session_gone(self, session: Session) -> None:
+        """Its TCP connection is gone (called once per session, registered or not)."""
         self.hub.remove(session)
-        if code == CloseCode.PROTOCOL_ERROR or code == CloseCode.INVALID_DATA:
-            self.stats["protocol_errors"] += 1
+        self.keepalive.remove(session)
+        self.writing_resumed(session)
         if not self.hub.sessions:
-            self._closed.set()
-        endpoint = session.endpoint
-        if endpoint is None:
-            return
-        try:
-            result = endpoint.on_close(code, reason)
-            if inspect.iscoroutine(result):
-                self.loop.create_task(result)
-        except Exception:
-            log.exception("error in on_close for %s", session.request.path)
+            self._all_gone.set()
 
-    def http_answer(self, handler: HttpHandler, request: Request) -> bytes:
-        try:
-            result = handler(request)
-        except Exception:
-            log.exception("error in HTTP handler for %s", request.path)
-            return http_response(500, "internal server error\n")
-        if isinstance(result, Response):
-            return http_response(result.status, result.body, headers=result.headers,
-                                 content_type=result.content_type)
-        if isinstance(result, dict):
-            return http_response(200, json.dumps(result), content_type="application/json")
-        if isinstance(result, str) and result.lstrip().startswith("<"):
-            return http_response(200, result, content_type="text/html; charset=utf-8")
-        return http_response(200, result)
+    def spawn(self, coro: Coroutine[Any, Any, Any] | Any) -> asyncio.Task[Any]:
+        """Run application code as a task the server keeps a reference to (and cancels at shutdown)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-    # -- keepalive ---------------------------------------------------------------
+    def handler_error(self, session: Session, exc: BaseException, where: str) -> None:
+        """User code raised: count it and log it once, with the traceback."""
+        self.stats["handler_errors"] += 1
+        log.error("error in %s for %s (session %d)", where, session.request.path, session.id, exc_info=exc)
 
-    async def _keepalive_loop(self) -> None:
-        """One sweep over all sessions instead of a timer per connection.
+    def protocol_error(self, session: Session, exc: ProtocolError) -> None:
+        self.stats["protocol_errors"] += 1
+        log.debug("session %d from %s: %s", session.id, session.remote, exc)
 
-        Any bytes received mark a session active; a session silent for
-        ping_interval gets a ping, and one still silent ping_timeout later is
-        closed.  An idle_timeout counts data messages only.
-        """
-        cfg = self.config
-        periods = [p for p in (cfg.ping_interval, cfg.ping_timeout, cfg.idle_timeout) if p]
-        tick = max(0.05, min(periods) / 4) if periods else 1.0
-        while True:
-            await asyncio.sleep(tick)
-            now = self.loop.time()
-            for session in list(self.hub.sessions.values()):
-                self._check_liveness(session, now)
+    def slow_consumer(self, session: Session) -> None:
+        self.stats["slow_consumers"] += 1
+        log.info("session %d from %s: slow consumer cut off (%d bytes unsent)", session.id, session.remote,
+                 session.write_buffer_size)
 
-    def _check_liveness(self, session: Session, now: float) -> None:
-        cfg = self.config
-        if session.closed:
-            return
-        reads = session._reader.reads if session._reader is not None else 0
-        if reads != session._seen_reads:  # any bytes from the peer since the last sweep
-            session._seen_reads = reads
-            session._last_active = now
-            session._ping_sent = 0.0
-        elif session._ping_sent:
-            if now - session._ping_sent >= cfg.ping_timeout:
-                self.stats["keepalive_timeouts"] += 1
-                session._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                return
-        elif cfg.ping_interval and now - session._last_active >= cfg.ping_interval:
-            session.ping()
-            session._ping_sent = now
-        if cfg.idle_timeout:
-            reader = session._reader
-            if reader is not None and reader.messages != session._seen_messages:
-                session._seen_messages = reader.messages
-                session._last_message = now
-            elif now - session._last_message >= cfg.idle_timeout:
-                session.close(CloseCode.GOING_AWAY, "idle timeout")
+    # -- the send budget ------------------------------------------------------------------------
 
-    # -- shutdown ----------------------------------------------------------------
+    def writing_paused(self, session: Session) -> None:
+        self.unsent_changed(session, session.write_buffer_size)
+
+    def writing_resumed(self, session: Session) -> None:
+        held = self._unsent.pop(session, None)
+        if held is not None:
+            self.unsent_bytes -= held
+
+    def unsent_changed(self, session: Session, size: int) -> bool:
+        """A paused session now holds ``size`` unsent bytes.  Past the process budget, the peers
+        holding the most are cut off (1013); True if ``session`` was one of them."""
+        self.unsent_bytes += size - self._unsent.get(session, 0)
+        self._unsent[session] = size
+        budget = self.config.send_budget
+        if not budget or self.unsent_bytes <= budget:
+            return False
+        cut_self = False
+        for victim in sorted(self._unsent, key=self._unsent.__getitem__, reverse=True):
+            if self.unsent_bytes <= budget * 0.9:
+                break
+            self.stats["send_budget_cutoffs"] += 1
+            log.warning("session %d from %s: process send budget of %d bytes exceeded; closing the peer "
+                        "holding %d unsent bytes", victim.id, victim.remote, budget, self._unsent[victim])
+            self.writing_resumed(victim)  # its bytes are as good as dropped: they go at the close deadline
+            victim.close(CloseCode.TRY_AGAIN_LATER, "server send budget exceeded")
+            cut_self = cut_self or victim is session
+        return cut_self
+
+    # -- /healthz --------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "connections": self.session_count,
+                "pending_handshakes": self.pending_handshakes, "unsent_bytes": self.unsent_bytes, **self.stats}
+
+    # -- shutdown ----------------------------------------------------------------------------------
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting, close every session with 1001, wait for them (bounded), drop the rest."""
+        """Stop accepting, refuse what is in the HTTP phase, close every session with 1001, wait for
+        them (at most ``timeout``, default drain_timeout), drop the rest, then stop our tasks."""
+        self._stopping = True
         for srv in self._servers:
             srv.close()
+        for proto in list(self._http):
+            proto.shutdown()
         for session in list(self.hub.sessions.values()):
-            session.close(CloseCode.GOING_AWAY, "server shutting down")
-        timeout = self.config.drain_timeout if timeout is None else timeout
-        if self.hub.sessions:
-            self._closed.clear()
             try:
-                await asyncio.wait_for(self._closed.wait(), timeout)
+                session.close(CloseCode.GOING_AWAY, "server shutting down")
+            except Exception:  # one broken session must not stop the others' shutdown
+                log.exception("closing %r at shutdown", session)
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._all_gone.wait(), timeout)
+        except asyncio.TimeoutError:
+            for session in list(self.hub.sessions.values()):
+                session.abort()
+            try:  # aborting is immediate, but the transports report it a loop turn later
+                await asyncio.wait_for(self._all_gone.wait(), 1.0)
             except asyncio.TimeoutError:
-                for session in list(self.hub.sessions.values()):
-                    session.abort()
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+                log.warning("%d sessions still open after shutdown", self.session_count)
+        self.keepalive.stop()
+        await self._stop_tasks()
         backplane = self.hub.backplane
         if backplane is not None and hasattr(backplane, "close"):
             await backplane.close()
         for srv in self._servers:
             await srv.wait_closed()
 
+    async def _stop_tasks(self, grace: float = 1.0) -> None:
+        """Give application tasks a moment to end by themselves, then cancel and await them."""
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
 
-# -- running ---------------------------------------------------------------------
+
+# -- running ------------------------------------------------------------------------------------
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -508,119 +236,56 @@ async def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, config: 
                 reuse_port: bool = False, ready: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
     """Serve ``app`` until SIGINT/SIGTERM, then shut down gracefully."""
     server = Server(app, config)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        server.loop.add_signal_handler(sig, stop.set)
     addresses = await server.listen(host, port, reuse_port=reuse_port)
     log.info("fastws %d listening on %s", os.getpid(), ", ".join(f"http://{h}:{p}" for h, p in addresses))
     if ready:
         ready(addresses)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        server.loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("fastws %d shutting down: closing %d connections", os.getpid(), len(server.hub.sessions))
+    log.info("fastws %d shutting down: closing %d connections", os.getpid(), server.session_count)
     await server.shutdown()
-
-
-EXIT_CANNOT_LISTEN = 3  # a worker's exit status when its socket could not be opened
 
 
 def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1,
         config: Config | None = None) -> int:
     """Run ``app`` until SIGINT/SIGTERM; returns the process exit status.
 
-    With workers > 1, that many processes share the port (SO_REUSEPORT); this
-    process supervises them: it forwards SIGINT/SIGTERM, restarts a worker
-    that crashes (giving up if they crash in a loop), and stops everything
-    if a worker cannot listen.  Raises OSError if the port cannot be opened
-    (workers == 1).
+    With workers > 1, that many processes share the port (SO_REUSEPORT) under
+    a supervisor (fastws.workers).  Raises OSError if the port cannot be
+    opened (workers == 1).
     """
     if workers <= 1:
-        _run_one(app, host, port, config, reuse_port=False)
+        run_one(app, host, port, config, reuse_port=False)
         return 0
-    master = os.getpid()
-    children: dict[int, int] = {}
-    crashes: list[float] = []
-    stopping = False
-    status = 0
+    from fastws.workers import Supervisor
 
-    def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _become_worker(master)
-            code = 0
-            try:
-                _run_one(app, host, port, config, reuse_port=True)
-            except OSError as exc:
-                print(f"fastws: worker {index} cannot listen on {host}:{port}: {exc.strerror or exc}",
-                      file=sys.stderr)
-                code = EXIT_CANNOT_LISTEN
-            except BaseException:
-                log.exception("worker %d failed", index)
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = index
-
-    def stop_all(signum: int = signal.SIGTERM, frame: Any = None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGINT, stop_all)
-    signal.signal(signal.SIGTERM, stop_all)
-    for i in range(workers):
-        spawn(i)
-    log.info("fastws master %d started %d workers", master, workers)
-    while children:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        index = children.pop(pid, None)
-        if index is None or stopping:
-            continue
-        code = os.waitstatus_to_exitcode(wait_status)
-        if code == EXIT_CANNOT_LISTEN:
-            status = 1
-            stop_all()
-            continue
-        now = time.monotonic()
-        crashes = [t for t in crashes if now - t < 10.0] + [now]
-        if len(crashes) > 2 * workers:
-            log.error("workers keep crashing (%d in 10 s): giving up", len(crashes))
-            status = 1
-            stop_all()
-            continue
-        log.warning("worker %d (pid %d) exited with status %d; restarting", index, pid, code)
-        time.sleep(0.2 * len(crashes))  # back off while it keeps failing
-        spawn(index)
-    return status
+    cfg = config or Config()
+    return Supervisor(functools.partial(run_one, app, host, port, cfg, True), workers, host=host, port=port,
+                      stop_timeout=cfg.drain_timeout + cfg.close_timeout).run()
 
 
-def _become_worker(master: int) -> None:
-    """In a freshly forked worker: default signals, and die with the master."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM us if the master dies
-        except (OSError, AttributeError):  # pragma: no cover - exotic libc
-            pass
-    if os.getppid() != master:  # the master died before prctl took effect
-        os._exit(0)
-
-
-def _run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool) -> None:
+def run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool) -> None:
+    """One server process: serve until signalled, then end every task before closing the loop."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(serve(app, host, port, config=config, reuse_port=reuse_port))
     finally:
-        loop.close()
-        if sys.stdout:
-            sys.stdout.flush()
+        try:
+            _cancel_remaining(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+            if sys.stdout:
+                sys.stdout.flush()
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=2.0))

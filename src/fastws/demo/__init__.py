@@ -6,7 +6,7 @@ import asyncio
 import time
 from importlib.resources import files
 
-from fastws.server import App, Endpoint, Response
+from fastws.app import App, Endpoint, Response
 
 PAGE = files(__package__).joinpath("index.html").read_text(encoding="utf-8")
 

@@ -1,0 +1,194 @@
+"""What an application declares: its configuration, its routes, and the Endpoint base class."""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastws.handshake import DeflateOptions, Request
+from fastws.hub import Hub
+
+if TYPE_CHECKING:
+    from fastws.connection import Session
+    from fastws.server import Server
+
+TRANSPORTS = ("uvloop", "aiofastnet")
+KiB, MiB = 1024, 1024 * 1024
+
+
+@dataclass
+class Config:
+    """Server options; the defaults are meant for production (the README's configuration table)."""
+
+    max_message_size: int = 1 * MiB  # bytes; larger messages close with 1009
+    ping_interval: float | None = 20.0  # seconds of silence before we ping (below nginx's 60 s)
+    ping_timeout: float = 20.0  # seconds to wait for any bytes after a ping (then 1011)
+    close_timeout: float = 5.0  # every way out of OPEN ends TCP within this many seconds
+    handshake_timeout: float = 10.0  # seconds for the whole request head (slowloris)
+    idle_timeout: float | None = None  # close (1001) after this long without a data message
+    max_head_size: int = 8192
+    max_headers: int = 64
+    max_connections: int = 0  # WebSocket sessions per process; 0 = no limit; when full, upgrades get 503
+    max_pending_handshakes: int = 1024  # connections still in the HTTP phase; past it, new ones get 503
+    max_frames_per_read: int = 1024  # frames handled per read before other connections get a turn
+    write_high_water: int = 64 * KiB  # transport buffer size where send() starts to wait
+    max_send_buffer: int = 4 * MiB  # non-awaited sends past this cut the peer off (1008)
+    send_budget: int = 256 * MiB  # unsent bytes all slow peers of a process may hold; past it the biggest go (1013)
+    max_queue: int = 64  # messages queued for async code before reading pauses
+    max_queue_bytes: int = 4 * MiB  # bytes queued for async code before reading pauses
+    allowed_origins: Sequence[str] | None = None  # None = any Origin
+    subprotocols: Sequence[str] = ()  # in order of preference
+    select_subprotocol: Callable[[Request, list[str]], str | None] | None = None
+    compression: bool = False  # permessage-deflate (RFC 7692)
+    compress_threshold: int = 128
+    compression_no_context_takeover: bool = True  # bounded memory: no per-connection window kept
+    trusted_proxies: Sequence[str] = ()  # addresses/networks whose forwarding headers we believe
+    drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to answer the 1001
+    transport: str = "uvloop"  # "uvloop": the loop's own transports; "aiofastnet": aiofastnet's (Cython)
+    deflate: DeflateOptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
+        for name in ("max_message_size", "max_connections", "max_pending_handshakes", "max_frames_per_read",
+                     "max_send_buffer", "send_budget", "max_queue_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
+        for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, not {self.max_queue!r}")
+        nct = self.compression_no_context_takeover
+        self.deflate = DeflateOptions(
+            enabled=self.compression, compress_threshold=self.compress_threshold,
+            server_no_context_takeover=nct, client_no_context_takeover=nct)
+        try:
+            self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+
+    def is_trusted_proxy(self, host: str) -> bool:
+        if not self._proxies:
+            return False
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._proxies)
+
+
+class Endpoint:
+    """Subclass and route it: one instance per connection.
+
+    ``self.session`` sends and closes, ``self.hub`` finds other sessions and
+    rooms, ``self.params`` holds the path parameters.  Every hook may be a
+    plain method or ``async def``; messages are handled in order either way,
+    and ``on_close`` is the last call an endpoint gets.
+    """
+
+    session: Session
+    hub: Hub
+    params: dict[str, str]
+
+    def on_open(self) -> Any:
+        pass
+
+    def on_message(self, message: str | bytes) -> Any:
+        pass
+
+    def on_close(self, code: int, reason: str) -> Any:
+        pass
+
+    def on_error(self, exc: BaseException) -> Any:
+        """Called with an exception raised by another hook (the session then closes with 1011)."""
+
+
+Handler = Callable[["Session"], Awaitable[Any]]
+HttpHandler = Callable[[Request], Any]
+Target = type[Endpoint] | Handler
+
+
+@dataclass
+class Response:
+    """A plain HTTP answer for an HTTP route (a str body is sent as text/plain unless told otherwise)."""
+
+    body: str | bytes = b""
+    status: int = 200
+    content_type: str = "text/plain; charset=utf-8"
+    headers: Sequence[tuple[str, str]] = ()
+
+
+# Route kinds
+ENDPOINT, HANDLER, HTTP = "endpoint", "handler", "http"
+
+
+@dataclass(frozen=True)
+class Route:
+    """A registered path and what serves it; the ``async`` questions are answered once, here."""
+
+    pattern: re.Pattern[str]
+    kind: str
+    target: Any
+    async_open: bool = False  # Endpoint.on_open is a coroutine function
+    async_message: bool = False  # Endpoint.on_message is a coroutine function
+
+
+class App:
+    """Routes paths (``/chat/{room}``) to Endpoint classes, handler coroutines and HTTP handlers."""
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+        self.hub = Hub()
+        self.http("/healthz")(self._healthz)
+        self.server: Server | None = None
+
+    def route(self, path: str) -> Callable[[Target], Target]:
+        """Route WebSocket upgrades on ``path`` to an Endpoint subclass or ``async def handler(ws)``."""
+
+        def register(target: Target) -> Target:
+            if isinstance(target, type) and issubclass(target, Endpoint):
+                self._add(path, ENDPOINT, target, async_open=inspect.iscoroutinefunction(target.on_open),
+                          async_message=inspect.iscoroutinefunction(target.on_message))
+            elif inspect.iscoroutinefunction(target):
+                self._add(path, HANDLER, target)
+            else:
+                raise TypeError(f"{target!r} is neither an Endpoint subclass nor an async function")
+            return target
+
+        return register
+
+    def http(self, path: str) -> Callable[[HttpHandler], HttpHandler]:
+        """Route plain HTTP GET (and HEAD) on ``path`` to ``handler(request)``, plain or ``async``,
+        returning str, bytes, dict (JSON) or Response."""
+
+        def register(handler: HttpHandler) -> HttpHandler:
+            if not callable(handler):
+                raise TypeError(f"{handler!r} is not callable")
+            self._add(path, HTTP, handler)
+            return handler
+
+        return register
+
+    def _add(self, path: str, kind: str, target: Any, **flags: bool) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"route {path!r} must start with '/'")
+        pattern = re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")
+        # a later registration of the same path replaces the earlier one (e.g. /healthz)
+        self._routes = [r for r in self._routes if r.pattern.pattern != pattern.pattern]
+        self._routes.append(Route(pattern, kind, target, **flags))
+
+    def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self._routes:
+            m = route.pattern.match(path)
+            if m:
+                return route, m.groupdict()
+        return None
+
+    def _healthz(self, request: Request) -> dict[str, Any]:
+        server = self.server
+        return {"status": "ok", **(server.health() if server else {})}

@@ -1,0 +1,387 @@
+"""The WebSocket connection state machine, written once for the server session and the client.
+
+Sans-I/O: nothing here touches a socket or the event loop.  The state machine
+decides what a connection does on its way out -- which close frame to send,
+whether to keep reading, when to end TCP, when to give up -- and asks its
+shell (``fastws.connection.Session``, ``fastws.client.ClientConnection``,
+``fastws.asgi``) to do it through a few methods the shell implements.  The
+per-message path never comes here: the Cython wire core calls the application
+directly, and this class is consulted only when the state changes.
+
+RFC 6455 section 7, as done here::
+
+    event                   server                                  client
+    ----------------------  --------------------------------------  ------------------------------------
+    the peer's close frame  echo it, close TCP                      echo it, wait for the server's FIN
+    close() (ours)          send close, keep reading, drop data     the same
+      then the peer's close close TCP                               wait for the server's FIN
+    fail(code)              send close + FIN, discard until EOF     send close, discard until EOF
+    EOF from the peer       close TCP                               close TCP
+    leaving OPEN, any way   one deadline, close_timeout later: abort TCP
+
+Reading goes on while closing -- even on a session paused by backpressure --
+so the peer's answer is seen, and the kernel never resets a connection that
+still has unread data (a reset makes the peer drop our close frame unread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from fastws._frame import encode_close_payload, is_valid_close_code
+from fastws.errors import CloseCode, ConnectionClosed
+
+# States
+CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
+STATE_NAMES = {CONNECTING: "connecting", OPEN: "open", CLOSING: "closing", CLOSED: "closed"}
+
+# Who sent the first close frame (logs, metrics); "" when TCP ended without one.
+LOCAL, REMOTE = "local", "remote"
+
+# Closes that end `async for message in ws` quietly; any other code raises ConnectionClosed.
+NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
+
+
+class _Ready:
+    """What a send returns when no waiting is needed: awaiting it is free."""
+
+    __slots__ = ()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return iter(())
+
+
+READY = _Ready()
+
+
+def drop_message(message: Any) -> None:
+    """Where data messages go once a connection is closing (RFC 6455 7.1.1: no more data)."""
+
+
+def truncate_reason(reason: str, limit: int = 123) -> str:
+    """``reason`` cut to fit a close frame (``limit`` bytes of UTF-8), never inside a character."""
+    data = reason.encode("utf-8")
+    if len(data) <= limit:
+        return reason
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def check_close(code: int, reason: str) -> None:
+    """Raise ValueError for a close code or reason that may not go on the wire."""
+    encode_close_payload(code, reason)  # ValueError names what is wrong
+
+
+class WebSocketProtocol:
+    """Mixin: the close handshake, the fail path and the close deadline of one connection.
+
+    The shell calls ``close``, ``fail``, ``receive_close``, ``receive_eof`` and
+    ``connection_ended``; it implements the ``_write_close`` ... ``_call_later``
+    hooks and sets ``is_server`` and ``close_timeout``.
+    """
+
+    __slots__ = ("_state", "_close_sent", "_close_received", "_close_code", "_close_reason", "_closed_by",
+                 "_sent_close", "_deadline")
+
+    is_server = True
+    close_timeout = 5.0
+
+    def _init_protocol(self, state: int = OPEN) -> None:
+        self._state = state
+        self._close_sent = False
+        self._close_received = False
+        self._close_code = int(CloseCode.ABNORMAL)
+        self._close_reason = ""
+        self._closed_by = ""
+        self._sent_close: tuple[int, str] | None = None
+        self._deadline: Any = None
+
+    # -- what the shell implements ------------------------------------------------------
+
+    def _write_close(self, payload: bytes) -> None:
+        """Queue a close frame with this payload."""
+        raise NotImplementedError
+
+    def _drop_messages(self) -> None:
+        """Keep parsing input (to see a close frame) but deliver no more data messages."""
+        raise NotImplementedError
+
+    def _discard_input(self) -> None:
+        """Ignore all further input without parsing it."""
+        raise NotImplementedError
+
+    def _keep_reading(self) -> None:
+        """Read even if backpressure paused reading: the peer's answer must get through."""
+        raise NotImplementedError
+
+    def _shutdown_write(self) -> None:
+        """Half-close (FIN after the queued data) where the transport can; else nothing."""
+        raise NotImplementedError
+
+    def _close_transport(self) -> None:
+        """End TCP after the queued data has been written."""
+        raise NotImplementedError
+
+    def _abort_transport(self) -> None:
+        """End TCP now, dropping whatever is queued."""
+        raise NotImplementedError
+
+    def _call_later(self, delay: float, callback: Callable[[], Any]) -> Any:
+        """Run ``callback`` after ``delay`` seconds; return something with ``cancel()``."""
+        raise NotImplementedError
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has left OPEN (closing or closed)."""
+        return self._state != OPEN
+
+    @property
+    def close_code(self) -> int | None:
+        """Why the connection closed: the code of the first close frame, whoever sent it (``closed_by``);
+        1005 if the peer's had none, 1006 if TCP ended without one.  None while open.
+        ``closed_cleanly`` says whether both close frames went across."""
+        return None if self._state in (OPEN, CONNECTING) else self.close_info()[0]
+
+    @property
+    def close_reason(self) -> str:
+        """The reason that goes with ``close_code``."""
+        return self.close_info()[1]
+
+    def close_info(self) -> tuple[int, str]:
+        """(close_code, close_reason), whatever the state."""
+        if self._closed_by == LOCAL and self._sent_close is not None:
+            return self._sent_close
+        return self._close_code, self._close_reason
+
+    @property
+    def sent_close(self) -> tuple[int, str] | None:
+        """(code, reason) of the close frame we sent, or None."""
+        return self._sent_close
+
+    @property
+    def closed_by(self) -> str:
+        """"local" or "remote": who sent the first close frame; "" if TCP ended without one."""
+        return self._closed_by
+
+    def connection_closed_error(self) -> ConnectionClosed:
+        code, reason = self.close_info()
+        return ConnectionClosed(code, reason, self._sent_close)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; TCP ends when the peer answers, or after close_timeout.
+
+        A code or reason that cannot go on the wire raises ValueError (nothing is sent).
+        Closing a connection that is already closing or closed does nothing.
+        """
+        check_close(code, reason)
+        if self._state != OPEN:
+            return
+        self._start_closing(code, reason, LOCAL)
+        self._drop_messages()
+
+    def fail(self, code: int, reason: str = "", *, peer_alive: bool = True) -> None:
+        """Fail the connection (RFC 6455 7.1.7): a protocol error, a limit, a dead peer.
+
+        Sends a close frame with ``code`` (unless one was sent) and stops
+        processing input.  A server then half-closes and ends TCP once the peer
+        has gone (EOF) -- reading on meanwhile, so the peer's unread data cannot
+        make the kernel reset the connection before our close frame is read --
+        or when close_timeout has passed.  ``peer_alive=False`` (a peer that
+        stopped answering pings) closes TCP right after the close frame.
+        """
+        if self._state == CLOSED:
+            return
+        if not is_valid_close_code(code):
+            code, reason = CloseCode.INTERNAL_ERROR, ""
+        if self._state == OPEN:
+            self._start_closing(code, truncate_reason(reason), LOCAL)
+        self._discard_input()
+        if not peer_alive:
+            self._close_transport()
+        elif self.is_server:
+            self._shutdown_write()  # the FIN tells the client we are done; it closes its side
+
+    def receive_close(self, code: int, reason: str) -> None:
+        """The peer's close frame (the wire core validated it); called after replies were flushed."""
+        if self._state == CLOSED:
+            return
+        self._close_received = True
+        self._close_code, self._close_reason = code, reason
+        if self._state == OPEN:
+            self._closed_by = REMOTE
+            self._state = CLOSING
+            # Echo the code (RFC 6455 5.5.1); 1005 means the frame had none: echo none.
+            self._close_sent = True
+            self._sent_close = (code, "")
+            self._write_close(b"" if code == CloseCode.NO_STATUS else int(code).to_bytes(2, "big"))
+        self._arm_deadline()
+        if self.is_server:
+            self._close_transport()  # RFC 6455 7.1.1: the server closes TCP first
+        # a client waits for the server's FIN (receive_eof), within the deadline
+
+    def receive_eof(self) -> None:
+        """The peer half-closed its side of TCP."""
+        if self._state == CLOSED:
+            return
+        if self._state == OPEN:
+            self._state = CLOSING  # no close frame: the code stays 1006
+        self._arm_deadline()
+        self._close_transport()
+
+    def connection_ended(self) -> bool:
+        """TCP is gone.  True the first time (the shell then notifies its user code)."""
+        if self._state == CLOSED:
+            return False
+        self._state = CLOSED
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None:
+            deadline.cancel()
+        return True
+
+    @property
+    def closed_cleanly(self) -> bool:
+        """Both close frames went across (a clean close, RFC 6455 7.1.4)."""
+        return self._close_sent and self._close_received
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _start_closing(self, code: int, reason: str, side: str) -> None:
+        self._state = CLOSING
+        self._closed_by = side
+        self._close_sent = True
+        self._sent_close = (int(code), reason)
+        self._write_close(encode_close_payload(code, reason))
+        self._keep_reading()
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is None and self._state != CLOSED:
+            self._deadline = self._call_later(self.close_timeout, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self._state != CLOSED:
+            self._abort_transport()
+
+
+# -- keepalive -------------------------------------------------------------------------------
+
+PING, TIMEOUT = 1, 2
+
+
+def keepalive_step(now: float, last_read: float, ping_sent: float, ping_interval: float | None,
+                   ping_timeout: float | None) -> tuple[int, float | None]:
+    """What keepalive does for one connection at ``now``: (action, when to look again).
+
+    Any byte from the peer counts as a sign of life.  A peer silent for
+    ``ping_interval`` gets a ping (action PING); one that stays silent for
+    ``ping_timeout`` after it has failed (TIMEOUT).  ``ping_sent`` is 0 when no
+    ping is outstanding.  The next time is None when nothing is scheduled.
+    """
+    if ping_sent and last_read < ping_sent:  # a ping is out and nothing came since
+        if ping_timeout is not None and now >= ping_sent + ping_timeout:
+            return TIMEOUT, None
+        return 0, ping_sent + ping_timeout if ping_timeout is not None else None
+    if not ping_interval:
+        return 0, None
+    due = last_read + ping_interval
+    if now >= due:
+        return PING, now + (ping_timeout if ping_timeout is not None else ping_interval)
+    return 0, due
+
+
+# -- the inbox: messages waiting for recv() ---------------------------------------------------
+
+
+class Inbox:
+    """Messages received but not yet taken by ``recv()`` (handler coroutines, the client, ASGI).
+
+    Bounded in messages and in bytes: past either limit ``flow(False)`` asks the
+    shell to stop reading (TCP then pushes back on the peer), and once the
+    consumer has taken half of it, ``flow(True)`` to read again.  ``end(exc)``
+    marks the end of the stream: ``recv()`` returns what was queued, then raises it.
+    """
+
+    __slots__ = ("_messages", "_bytes", "_max_messages", "_max_bytes", "_waiter", "_loop", "_flow", "_end",
+                 "_paused")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, flow: Callable[[bool], Any], *, max_messages: int,
+                 max_bytes: int) -> None:
+        self._messages: collections.deque[Any] = collections.deque()
+        self._bytes = 0
+        self._max_messages = max(1, max_messages)
+        self._max_bytes = max_bytes
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = loop
+        self._flow = flow
+        self._end: BaseException | None = None
+        self._paused = False
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def full(self) -> bool:
+        return len(self._messages) >= self._max_messages or (self._max_bytes > 0 and self._bytes >= self._max_bytes)
+
+    def put(self, message: Any) -> None:
+        self._messages.append(message)
+        self._bytes += len(message)
+        if not self._paused and self.full:
+            self._paused = True
+            self._flow(False)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def get_nowait(self) -> Any:
+        """The next message; IndexError when none is queued."""
+        message = self._messages.popleft()
+        self._bytes -= len(message)
+        if self._paused and len(self._messages) <= self._max_messages // 2 and (
+                self._max_bytes <= 0 or self._bytes <= self._max_bytes // 2):
+            self._paused = False
+            self._flow(True)
+        return message
+
+    async def get(self) -> Any:
+        """The next message, waiting for one; raises the end-of-stream exception when drained."""
+        while True:
+            if self._messages:
+                return self.get_nowait()
+            if self._end is not None:
+                raise self._end
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+    @property
+    def waiting(self) -> bool:
+        """A consumer is blocked in get()."""
+        return self._waiter is not None
+
+    def end(self, exc: BaseException) -> None:
+        """No more messages will come; waiters wake to drain the queue, then get ``exc``."""
+        if self._end is None:
+            self._end = exc
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Drop what is queued (the connection died: nobody will answer these)."""
+        self._messages.clear()
+        self._bytes = 0
