@@ -368,3 +368,34 @@ async def test_screenshot_of_the_demo_page(start_server, demo_app, browser, tmp_
     width, height = struct.unpack(">II", data[16:24])
     assert width > 100 and height > 100, (width, height)
 
+
+
+OVERSIZED = """(async (rounds, size) => {
+  const results = [];
+  for (let i = 0; i < rounds; i++) {
+    const ws = new WebSocket("ws://" + location.host + "/echo");
+    await t.timeout(new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onerror = () => reject(new Error("ws error"));
+    }), 5000, "open");
+    const closed = new Promise((resolve) => {
+      ws.onclose = (e) => resolve({code: e.code, reason: e.reason, clean: e.wasClean});
+    });
+    ws.send(new Uint8Array(size));   // four times the limit: the server fails the connection
+    results.push(await t.timeout(closed, 10000, "the close"));
+  }
+  return results;
+})"""
+
+
+async def test_an_oversized_message_gets_1009_every_time(start_server, demo_app, browser) -> None:
+    """The browser is still sending its 4 MiB message when the server refuses it: it must see the
+    server's 1009 and reason every time (a reset would make it report 1006)."""
+    _, port = await start_server(demo_app)
+    page = await browser(f"http://127.0.0.1:{port}/")
+    rounds = 12
+    results = await page.js(f"{OVERSIZED}({rounds}, {4 << 20})", timeout=120)
+    assert len(results) == rounds
+    for result in results:
+        assert result["code"] == 1009, results
+        assert "exceeds the limit" in result["reason"], results

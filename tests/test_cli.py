@@ -261,3 +261,112 @@ def test_systemd_unit_runs_a_valid_serve_command() -> None:
     nginx_conf = (root / "deploy" / "nginx.conf").read_text()
     assert re.search(rf"server {re.escape(args.host)}:{args.port};", nginx_conf)
     assert re.search(r"^KillMode=mixed$", unit, re.MULTILINE)  # SIGTERM to the master, which forwards it
+
+
+# -- the supervisor: races, back-off, escalation ---------------------------------------------------
+
+FAULTY_APP = '''
+import os, time
+from fastws.demo import create_app
+
+app = create_app()
+
+@app.http("/crash")
+def crash(request):
+    os._exit(7)  # the worker dies as if it had crashed
+
+@app.http("/hang")
+def hang(request):
+    time.sleep(60)  # the worker's loop is stuck: it cannot even see SIGTERM
+    return "never"
+'''
+
+
+def started_workers(proc: Proc) -> int:
+    return proc.output.count(" listening on ")
+
+
+async def until(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+async def test_sigterm_during_the_restart_back_off_starts_no_new_worker(spawn, tmp_path: Path) -> None:
+    (tmp_path / "faulty.py").write_text(FAULTY_APP)
+    port = free_port()
+    proc = spawn("serve", "faulty:app", "--port", str(port), "--workers", "2", "--log-level", "info")
+    await wait_ready(proc, port)
+    await until(lambda: started_workers(proc) == 2)
+    for crashes in range(1, 4):  # back-off grows with the crashes: 0.2 s, 0.4 s, 0.6 s
+        with pytest.raises((OSError, asyncio.IncompleteReadError, IndexError, ValueError)):
+            await http_get(port, "/crash")
+        await until(lambda n=crashes: proc.output.count("restarting") >= n)
+        if crashes < 3:
+            await until(lambda n=crashes: started_workers(proc) == 2 + n)  # the restarted worker is up
+    # now a restart is scheduled 0.6 s out: stop the master inside that window
+    spawned_before = started_workers(proc)
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    assert await proc.wait(10) == 0, proc.output
+    assert time.monotonic() - started < 5
+    await asyncio.sleep(0.8)  # past the cancelled restart's time
+    assert started_workers(proc) == spawned_before, proc.output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing of the group is left
+
+
+async def test_a_worker_stuck_in_shutdown_gets_sigkill(spawn, tmp_path: Path) -> None:
+    (tmp_path / "faulty.py").write_text(FAULTY_APP)
+    port = free_port()
+    proc = spawn("serve", "faulty:app", "--port", str(port), "--workers", "2", "--drain-timeout", "1",
+                 "--close-timeout", "0.5")
+    await wait_ready(proc, port)
+    hung = asyncio.ensure_future(http_get(port, "/hang"))  # one of the workers now sleeps for a minute
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    code = await proc.wait(10)
+    elapsed = time.monotonic() - started
+    assert code == 1, proc.output  # the master says a worker had to be killed
+    assert 1.0 <= elapsed < 5, elapsed  # stop timeout = drain 1 s + close 0.5 s, then SIGKILL
+    assert "did not stop within" in proc.output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    hung.cancel()
+
+
+async def test_signals_right_after_start_are_never_lost(spawn) -> None:
+    """SIGTERM at any moment of start-up -- even between a fork and the child's registration -- stops
+    the master and every worker."""
+    for delay in (0.0, 0.05, 0.15, 0.3):
+        proc = spawn("serve", "--port", str(free_port()), "--workers", "3")
+        await asyncio.sleep(delay)
+        proc.popen.send_signal(signal.SIGTERM)
+        assert await proc.wait(10) is not None, f"master still running after SIGTERM at +{delay} s"
+        await asyncio.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+
+
+def test_stopping_fits_inside_the_units_timeout_stop_sec() -> None:
+    """deploy/fastws.service gives the stop TimeoutStopSec; the master's own escalation (drain + close
+    timeouts, then SIGKILL) must end well inside it, or systemd kills everything first."""
+    import re
+    import shlex
+
+    from fastws.cli import add_serve_parser, make_config
+
+    root = Path(__file__).resolve().parent.parent
+    unit = (root / "deploy" / "fastws.service").read_text()
+    stop_sec = float(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    argv = shlex.split(re.search(r"^ExecStart=(.+)$", unit, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastws")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    config = make_config(parser.parse_args(argv[1:]))
+    worst = config.drain_timeout + config.close_timeout + 1.0  # + the SIGKILL and the exit
+    assert worst + 3 <= stop_sec, (worst, stop_sec)

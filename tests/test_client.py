@@ -9,6 +9,7 @@ import pytest
 
 from fastws import App, ConnectionClosed, Endpoint, HandshakeError
 from fastws.client import READY, ClientConnection, connect, parse_url
+from wsraw import wait_for
 
 
 async def test_echo_text_and_binary(start_server, demo_app):
@@ -105,11 +106,7 @@ async def test_client_close_handshake_ends_the_connection(start_server, demo_app
     assert loop.time() - t0 < 1.5  # the server ended TCP; the close timeout did not have to
     assert ws.closed
     assert ws.close_code == 1000  # the server echoed our close frame
-    for _ in range(50):
-        if not server.hub.sessions:
-            break
-        await asyncio.sleep(0.01)
-    assert not server.hub.sessions
+    await wait_for(lambda: not server.hub.sessions)
 
 
 async def test_close_timeout_drops_a_silent_server():
@@ -155,8 +152,7 @@ async def test_ping_resolves_with_the_round_trip_time(start_server, demo_app):
 async def test_client_answers_server_pings(start_server, demo_app):
     server, port = await start_server(demo_app, ping_interval=0.1, ping_timeout=0.3)
     async with connect(f"ws://127.0.0.1:{port}/echo") as ws:
-        await asyncio.sleep(0.8)  # idle: the server pings, the client pongs, nobody times out
-        assert ws.pings_received >= 1
+        await wait_for(lambda: ws.pings_received >= 4)  # idle: the server pings, the client pongs
         await ws.send("still here")
         assert await ws.recv() == "still here"
     assert server.stats["keepalive_timeouts"] == 0
@@ -266,10 +262,8 @@ async def test_callback_mode_and_local_address(start_server, demo_app):
         # The wire core can echo by itself: the reader hands each message to the writer's C send.
         ws.set_on_message(ws.writer.send)
         ws.send(b"ping-pong")
-        await asyncio.sleep(0.05)
-        assert ws.messages_received > 110
+        await wait_for(lambda: ws.messages_received > 110)
         ws.set_on_message(None)  # back to the queue
-        await asyncio.sleep(0.01)
     finally:
         await ws.close()
 

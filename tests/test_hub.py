@@ -8,6 +8,7 @@ import websockets
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from fastws import App, Endpoint
+from wsraw import wait_for
 
 
 def room_app() -> App:
@@ -60,8 +61,7 @@ async def test_rooms_isolate_and_every_member_gets_every_message_in_order(start_
     assert server.hub.rooms() == {"red": 3, "blue": 1}
     for ws in [*red, blue]:
         await ws.close()
-    await asyncio.sleep(0.1)
-    assert server.hub.rooms() == {} and not server.hub.sessions
+    await wait_for(lambda: server.hub.rooms() == {} and not server.hub.sessions)
 
 
 async def test_send_to_user_reaches_all_of_that_users_sessions(start_server):
@@ -76,8 +76,7 @@ async def test_send_to_user_reaches_all_of_that_users_sessions(start_server):
     assert {s.id for s in server.hub.user_sessions("alice")} == {s.id for s in server.hub.sessions.values()
                                                                    if s.user == "alice"}
     await alice2.close()
-    await asyncio.sleep(0.1)
-    assert len(server.hub.user_sessions("alice")) == 1
+    await wait_for(lambda: len(server.hub.user_sessions("alice")) == 1)
     for ws in (alice1, bob):
         await ws.close()
 

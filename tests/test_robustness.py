@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import random
 import struct
 
 import aiohttp
@@ -183,41 +182,6 @@ async def test_connection_churn_returns_to_baseline(start_server) -> None:
     assert server.stats["connections_total"] == 600
 
 
-async def test_garbage_frames_never_break_the_server(start_server) -> None:
-    """A bounded fuzz: random bytes after the upgrade. Each connection must end with a
-    close frame carrying a valid error code (or stay open), and the server stays healthy."""
-    app, _ = echo_app()
-    server, port = await start_server(app, max_message_size=64 * KiB, close_timeout=0.5)
-    rng = random.Random(6455)
-    baseline = fd_count()
-    for _ in range(60):
-        ws = await RawWS.connect(port, "/echo")
-        kind = rng.randrange(3)
-        if kind == 0:
-            data = rng.randbytes(rng.randrange(1, 300))
-        elif kind == 1:  # plausible header, random rest
-            data = bytes((rng.choice([0x81, 0x82, 0x01, 0x80, 0x89, 0x8A, 0x88, 0xC1]),
-                          0x80 | rng.randrange(128))) + rng.randbytes(rng.randrange(200))
-        else:  # valid frames with one random bit flipped in the header
-            frame = bytearray(build_frame(rng.choice([OP_TEXT, OP_BINARY, OP_PING]), rng.randbytes(20)))
-            frame[rng.randrange(2)] ^= 1 << rng.randrange(8)
-            data = bytes(frame)
-        await ws.send_raw(data)
-        try:
-            frame = await ws.recv_frame(0.1)
-        except (asyncio.TimeoutError, Exception):
-            ws.abort()
-            continue
-        if frame.opcode == OP_CLOSE:
-            code, _ = frame.close
-            assert code in (1002, 1007, 1009), frame
-        ws.abort()
-    await settle(baseline, server, port)
-    async with await RawWS.connect(port, "/echo") as ws:
-        await ws.send_frame(OP_TEXT, b"alive")
-        assert await ws.recv_message() == (OP_TEXT, b"alive")
-
-
 # -- slow consumers -----------------------------------------------------------------------------
 
 
@@ -340,7 +304,7 @@ async def test_keepalive_client_that_answers_pings_stays(start_server) -> None:
     app, _ = echo_app()
     server, port = await start_server(app, ping_interval=0.2, ping_timeout=0.2)
     async with ws_connect(f"ws://127.0.0.1:{port}/echo", ping_interval=None, compression=None) as ws:
-        await asyncio.sleep(0.9)  # several ping rounds, answered by the client library
+        await wait_for(lambda: server.stats["keepalive_pings"] >= 4)  # answered by the client library
         await ws.send("still here")
         assert await ws.recv() == "still here"
     assert server.stats["keepalive_timeouts"] == 0
@@ -376,7 +340,7 @@ async def test_keepalive_silent_raw_client_is_closed(start_server) -> None:
         frame = await ws.recv_frame(2)
         assert frame.opcode == OP_PING  # 5.5.2: the server pings the silent peer
         code, _ = await ws.expect_close(timeout=2)  # we never answer
-        assert code in (1001, 1008, 1011), code
+        assert code == 1011, code
         assert await ws.wait_eof(2) == b""
         assert loop.time() - t0 < 2.0
     await wait_no_connections(server)
@@ -405,7 +369,7 @@ async def test_aiohttp_heartbeat_client_stays(start_server) -> None:
         async with session.ws_connect(f"ws://127.0.0.1:{port}/echo") as ws:
             # aiohttp answers pings from inside receive(): keep a receive() pending, as apps do
             first = asyncio.ensure_future(ws.receive(3))
-            await asyncio.sleep(0.8)
+            await wait_for(lambda: server.stats["keepalive_pings"] >= 4)
             assert not first.done(), first.result()
             await ws.send_str("alive")
             assert (await first).data == "alive"
@@ -525,7 +489,7 @@ async def test_huge_announced_frame_does_not_allocate(start_server) -> None:
     async with await RawWS.connect(port, "/echo") as ws:
         header = bytes((0x82, 0xFF)) + struct.pack("!Q", 1 << 30) + b"\x01\x02\x03\x04"
         await ws.send_raw(header + b"a" * 1000)
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: sum(s.buffered for s in server.hub.sessions.values()) >= 1000)
         assert rss() - mem < 64 * MiB
     await wait_no_connections(server)
 

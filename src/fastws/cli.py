@@ -44,8 +44,19 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ping-timeout", type=float, default=defaults.ping_timeout)
     p.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout)
     p.add_argument("--idle-timeout", type=float, default=0, help="seconds without a message; 0 = off")
+    p.add_argument("--close-timeout", type=float, default=defaults.close_timeout,
+                   help="seconds: every way out of an open connection ends TCP within this")
+    p.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
+                   help="seconds: graceful shutdown waits this long for clients to answer the 1001")
     p.add_argument("--max-connections", type=int, default=0, help="0 = no limit")
+    p.add_argument("--max-pending-handshakes", type=int, default=defaults.max_pending_handshakes,
+                   help="connections still in the HTTP phase per process; more get 503")
     p.add_argument("--max-send-buffer", type=int, default=defaults.max_send_buffer)
+    p.add_argument("--send-budget", type=int, default=defaults.send_budget,
+                   help="bytes all slow peers of a process may leave unread; past it the biggest go (1013)")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="messages queued for async code per connection before reading pauses")
+    p.add_argument("--max-queue-bytes", type=int, default=defaults.max_queue_bytes)
     p.add_argument("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN")
     p.add_argument("--subprotocol", action="append", dest="subprotocols", default=[], metavar="NAME")
     p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
@@ -58,20 +69,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(message)s")
     app = load_app(args.app)
-    config = Config(
-        max_message_size=args.max_message_size,
-        ping_interval=args.ping_interval or None,
-        ping_timeout=args.ping_timeout,
-        handshake_timeout=args.handshake_timeout,
-        idle_timeout=args.idle_timeout or None,
-        max_connections=args.max_connections,
-        max_send_buffer=args.max_send_buffer,
-        allowed_origins=args.allowed_origins,
-        subprotocols=args.subprotocols,
-        compression=args.compression,
-        trusted_proxies=args.trusted_proxies,
-        transport=args.transport,
-    )
+    try:
+        config = make_config(args)
+    except ValueError as exc:
+        raise SystemExit(f"fastws: {exc}") from None
     if args.redis:
         from fastws.backplane.redis import RedisBackplane
 
@@ -80,6 +81,30 @@ def serve_command(args: argparse.Namespace) -> int:
         return run(app, args.host, args.port, workers=args.workers, config=config)
     except OSError as exc:
         raise SystemExit(f"fastws: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """The Config that ``fastws serve``'s options describe (ValueError names a bad one)."""
+    return Config(
+        max_message_size=args.max_message_size,
+        ping_interval=args.ping_interval or None,
+        ping_timeout=args.ping_timeout,
+        close_timeout=args.close_timeout,
+        drain_timeout=args.drain_timeout,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout or None,
+        max_connections=args.max_connections,
+        max_pending_handshakes=args.max_pending_handshakes,
+        max_send_buffer=args.max_send_buffer,
+        send_budget=args.send_budget,
+        max_queue=args.max_queue,
+        max_queue_bytes=args.max_queue_bytes,
+        allowed_origins=args.allowed_origins,
+        subprotocols=args.subprotocols,
+        compression=args.compression,
+        trusted_proxies=args.trusted_proxies,
+        transport=args.transport,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -340,6 +340,23 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
         return self._transport.get_write_buffer_size() if self._transport else 0
 
     @property
+    def queued(self) -> tuple[int, int]:
+        """(messages, bytes) received and waiting for async code (the bounded inbox)."""
+        inbox = self._inbox
+        return (len(inbox), inbox.queued_bytes) if inbox is not None else (0, 0)
+
+    @property
+    def reading(self) -> bool:
+        """False while reading from the peer is paused (backpressure, a full inbox, a frame backlog)."""
+        transport = self._transport
+        return transport is not None and transport.is_reading()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of partial frames and fragmented messages the reader holds."""
+        return self._reader.buffered if self._reader is not None else 0
+
+    @property
     def messages_received(self) -> int:
         return self._reader.messages if self._reader is not None else 0
 

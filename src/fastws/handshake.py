@@ -456,6 +456,8 @@ def http_response(
     """
     if isinstance(body, str):
         body = body.encode("utf-8")
+    if not (isinstance(status, int) and 100 <= status <= 599):
+        raise ValueError(f"invalid HTTP status {status!r}")
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:

@@ -135,6 +135,7 @@ class Keepalive:
             self.stats["keepalive_timeouts"] += 1
             session.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout", peer_alive=False)
         elif action == PING:
+            self.stats["keepalive_pings"] += 1
             session.send_frame(PING_FRAME)
             if not session.closed:  # look again when the next ping could be due, or the pong late
                 assert self.ping_interval is not None

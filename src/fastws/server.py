@@ -34,7 +34,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.stats = {"connections_total": 0, "handshake_failures": 0, "protocol_errors": 0,
                       "handler_errors": 0, "slow_consumers": 0, "send_budget_cutoffs": 0,
-                      "keepalive_timeouts": 0, "pending_handshakes_refused": 0}
+                      "keepalive_pings": 0, "keepalive_timeouts": 0, "pending_handshakes_refused": 0}
         self.keepalive = Keepalive(self.loop, self.config, self.stats)
         self._servers: list[asyncio.AbstractServer] = []
         self._http: set[HttpProtocol] = set()  # connections still in the HTTP phase

@@ -58,7 +58,8 @@ class Supervisor:
                     self._stop(escalate=self.stopping)
                 self._due_restarts(previous)
                 if self.stopping and self.children and time.monotonic() >= self.kill_at:
-                    self._kill(signal.SIGKILL, "did not stop in time")
+                    self._kill(signal.SIGKILL, f"workers did not stop within {self.stop_timeout:g} s")
+                    self.status = 1
                     self.kill_at = time.monotonic() + 1.0
             return self.status
         finally:
@@ -134,6 +135,7 @@ class Supervisor:
     def _stop(self, escalate: bool = False) -> None:
         if escalate:
             self._kill(signal.SIGKILL, "second stop signal")
+            self.status = 1
             return
         self.stopping = True
         self.restarts.clear()

@@ -20,6 +20,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the [redis] extra is missing
     raise ImportError("the Redis backplane needs the redis package: pip install 'fastws[redis]'") from exc
 
+from fastws.logs import Throttle
+
 if TYPE_CHECKING:
     from fastws.hub import Hub
 
@@ -37,7 +39,8 @@ class RedisBackplane:
         self.url = url
         self.prefix = prefix
         self.node_id = b""  # set in start(): workers forked from one master must differ
-        self.stats = {"published": 0, "received": 0, "dropped": 0, "reconnects": 0}
+        self.stats = {"published": 0, "received": 0, "dropped": 0, "reconnects": 0, "malformed": 0}
+        self._throttle = Throttle(log)
         self._pending: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(MAX_PENDING)
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: aioredis.Redis | None = None
@@ -93,7 +96,7 @@ class RedisBackplane:
                 delay = 0.1
                 async for item in pubsub.listen():
                     if item["type"] == "pmessage":
-                        self._deliver(item["channel"], item["data"])
+                        self._receive(item["channel"], item["data"])
             except (OSError, aioredis.RedisError) as exc:
                 self.connected.clear()
                 self.stats["reconnects"] += 1
@@ -103,11 +106,34 @@ class RedisBackplane:
             finally:
                 await pubsub.aclose()
 
-    def _deliver(self, channel: bytes, envelope: bytes) -> None:
-        node, _, rest = envelope.partition(b" ")
-        if node == self.node_id or not rest:
+    def _receive(self, channel: bytes, envelope: bytes) -> None:
+        """One publication from Redis; a malformed one is counted and logged, never fatal."""
+        try:
+            room, message = self._open_envelope(channel, envelope)
+        except ValueError as exc:
+            self.stats["malformed"] += 1
+            self._throttle.log(logging.WARNING, "malformed", "backplane: dropped a malformed publication on %r: %s",
+                               channel[:100], exc)
+            return
+        if room is None:
             return  # our own publication: already delivered locally
         self.stats["received"] += 1
+        try:
+            self.hub.deliver_remote(room, message)
+        except Exception:  # a bug in delivery must not end cross-node delivery for everyone
+            log.exception("backplane: delivering a publication on %r failed", room)
+
+    def _open_envelope(self, channel: bytes, envelope: bytes) -> tuple[str | None, str | bytes]:
+        """(room, message) of an envelope ``<node id> <t|b><payload>``; room None for our own."""
+        if not isinstance(envelope, bytes) or not isinstance(channel, bytes):
+            raise ValueError("not a bytes message")
+        node, sep, rest = envelope.partition(b" ")
+        if not sep or rest[:1] not in (TEXT, BINARY):
+            raise ValueError("no '<node> <t|b>' header")
+        if node == self.node_id:
+            return None, b""
+        name = channel.decode("utf-8")  # UnicodeDecodeError is a ValueError
+        if not name.startswith(self.prefix):
+            raise ValueError("channel outside our prefix")
         payload = rest[1:]
-        message: str | bytes = payload.decode() if rest[:1] == TEXT else payload
-        self.hub.deliver_remote(channel.decode()[len(self.prefix):], message)
+        return name[len(self.prefix):], payload.decode("utf-8") if rest[:1] == TEXT else payload
