@@ -111,3 +111,21 @@ async def test_node_keeps_serving_without_redis_and_reconnects(start_server):
     finally:
         redis.kill()
         redis.wait()
+
+
+async def test_a_malformed_publication_is_counted_and_delivery_goes_on(start_server, redis_port):
+    """Anything may be published on a Redis channel: garbage must not end cross-node delivery."""
+    import redis.asyncio as aioredis
+
+    (port_a, _), (bp_a, _) = await two_nodes(start_server, redis_port)
+    async with websockets.connect(f"ws://127.0.0.1:{port_a}/chat") as a:
+        r = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+        try:
+            for junk in (b"no-separator", b"node x-not-a-kind", b"node t\xff\xfe not utf-8", b""):
+                await r.publish("fastws:lobby", junk)
+            await r.publish(b"fastws:\xff", b"other-node tbad channel name")
+            await r.publish("fastws:lobby", b"other-node thello from a well-formed publication")
+        finally:
+            await r.aclose()
+        assert "hello from a well-formed publication" in await recv_until(a, "well-formed")
+    assert bp_a.stats["malformed"] == 5

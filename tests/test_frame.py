@@ -1462,3 +1462,61 @@ def test_corked_big_payloads_go_out_uncopied_in_one_writelines():
     # uncorked, a big payload still goes out uncopied, header and payload in one call
     writer.send(big1)
     assert batches[-1][1] is big1 and b"".join(batches[-1]) == uframe(2, big1)
+
+
+# --------------------------------------------------------------------------- lifecycle support
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frame_cap_stops_parsing_and_resume_goes_on(mode):
+    class Backlogged(Recorder):
+        backlogs = 0
+
+        def on_backlog(self):
+            self.backlogs += 1
+
+    rec = Backlogged()
+    reader = FrameReader(rec, is_server=True)
+    reader.max_frames_per_read = 10
+    stream = b"".join(mframe(1, f"m{i}") for i in range(35)) + mframe(9, b"p")
+    push(reader, stream, mode)
+    assert [c[1] for c in rec.calls] == [f"m{i}" for i in range(10)] and rec.backlogs >= 1
+    turns = 0
+    while rec.backlogs > turns:
+        turns += 1
+        reader.resume()
+    assert [c for c in rec.calls if c[0] == "message"] == [("message", f"m{i}") for i in range(35)]
+    assert rec.calls[-1] == ("ping", b"p")
+    assert rec.backlogs == 3 and reader.buffered == 0
+    reader.resume()  # nothing left: a no-op
+    assert len(rec.calls) == 36
+
+
+def test_stop_ignores_everything_after():
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True)
+    reader.feed(mframe(1, "before") + mframe(1, "partial")[:5])
+    assert reader.buffered > 0
+    reader.stop()
+    assert reader.closed and reader.buffered == 0
+    push(reader, mframe(1, "after") + b"\xff\xff garbage that would be a protocol error", "uvloop")
+    assert rec.calls == [("message", "before")]
+
+
+def test_reads_and_messages_are_stamped_with_the_clock():
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True)
+    _frame.set_clock(123.5)
+    push(reader, mframe(10, b"pong"), "uvloop")  # a pong: only a read
+    assert reader.last_read == 123.5 and reader.last_message == 0.0
+    _frame.set_clock(130.25)
+    push(reader, mframe(1, "hi"), "uvloop")
+    assert reader.last_read == 130.25 and reader.last_message == 130.25
+
+
+def test_pongs_can_skip_python():
+    rec = Recorder()
+    reader = FrameReader(rec, is_server=True)
+    reader.on_pong = None
+    reader.feed(mframe(10, b"a") + mframe(1, "x"))
+    assert rec.calls == [("message", "x")] and reader.reads == 0  # feed() is not a transport read

@@ -16,6 +16,7 @@ from fastws.app import App, Config
 from fastws.errors import CloseCode, ProtocolError
 from fastws.http import HttpProtocol
 from fastws.keepalive import Keepalive
+from fastws.logs import Throttle
 
 if TYPE_CHECKING:
     from fastws.connection import Session
@@ -47,6 +48,7 @@ class Server:
         # the send budget: bytes held for peers whose transports are paused (slow readers)
         self._unsent: dict[Session, int] = {}
         self.unsent_bytes = 0
+        self._throttle = Throttle(log)
 
     def next_session_id(self) -> int:
         self._next_id += 1
@@ -137,8 +139,8 @@ class Server:
 
     def slow_consumer(self, session: Session) -> None:
         self.stats["slow_consumers"] += 1
-        log.info("session %d from %s: slow consumer cut off (%d bytes unsent)", session.id, session.remote,
-                 session.write_buffer_size)
+        self._throttle.log(logging.INFO, "slow", "session %d from %s: slow consumer cut off (%d bytes unsent)",
+                           session.id, session.remote, session.write_buffer_size)
 
     # -- the send budget ------------------------------------------------------------------------
 
@@ -146,27 +148,35 @@ class Server:
         self.unsent_changed(session, session.write_buffer_size)
 
     def writing_resumed(self, session: Session) -> None:
+        """The peer caught up (or is gone): its bytes no longer count against the budget."""
         held = self._unsent.pop(session, None)
         if held is not None:
             self.unsent_bytes -= held
 
     def unsent_changed(self, session: Session, size: int) -> bool:
-        """A paused session now holds ``size`` unsent bytes.  Past the process budget, the peers
-        holding the most are cut off (1013); True if ``session`` was one of them."""
+        """A paused session now holds ``size`` unsent bytes.  Past the process budget, the open
+        sessions holding the most are cut off (1013) until what is left is within 90 % of it;
+        True if ``session`` was one of them.  A session that was cut keeps counting until its
+        connection is gone (at most close_timeout): its bytes are still in memory till then."""
         self.unsent_bytes += size - self._unsent.get(session, 0)
         self._unsent[session] = size
         budget = self.config.send_budget
         if not budget or self.unsent_bytes <= budget:
             return False
         cut_self = False
+        excess = self.unsent_bytes - budget * 0.9
         for victim in sorted(self._unsent, key=self._unsent.__getitem__, reverse=True):
-            if self.unsent_bytes <= budget * 0.9:
+            if excess <= 0:
                 break
+            if victim.closed:
+                continue
+            held = self._unsent[victim]
             self.stats["send_budget_cutoffs"] += 1
-            log.warning("session %d from %s: process send budget of %d bytes exceeded; closing the peer "
-                        "holding %d unsent bytes", victim.id, victim.remote, budget, self._unsent[victim])
-            self.writing_resumed(victim)  # its bytes are as good as dropped: they go at the close deadline
+            self._throttle.log(logging.WARNING, "budget", "process send budget of %d bytes exceeded: closing "
+                               "session %d from %s, which holds %d unsent bytes", budget, victim.id,
+                               victim.remote, held)
             victim.close(CloseCode.TRY_AGAIN_LATER, "server send budget exceeded")
+            excess -= held
             cut_self = cut_self or victim is session
         return cut_self
 

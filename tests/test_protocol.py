@@ -1,0 +1,223 @@
+"""fastws.protocol without sockets: the close state machine against a recording shell, the
+keepalive decision, and the inbox.  (test_lifecycle.py checks the same behaviour over real sockets.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fastws.errors import ConnectionClosed
+from fastws.protocol import (
+    CLOSED,
+    CLOSING,
+    OPEN,
+    PING,
+    TIMEOUT,
+    Inbox,
+    WebSocketProtocol,
+    keepalive_step,
+    truncate_reason,
+)
+
+
+class Recorder(WebSocketProtocol):
+    """Records what the state machine asks for."""
+
+    __slots__ = ("did", "timers")
+
+    def __init__(self) -> None:
+        self._init_protocol()
+        self.did: list[tuple] = []
+        self.timers: list[Timer] = []
+
+    def _write_close(self, payload: bytes) -> None:
+        self.did.append(("close frame", payload))
+
+    def _drop_messages(self) -> None:
+        self.did.append(("drop messages",))
+
+    def _discard_input(self) -> None:
+        self.did.append(("discard input",))
+
+    def _keep_reading(self) -> None:
+        self.did.append(("keep reading",))
+
+    def _shutdown_write(self) -> None:
+        self.did.append(("FIN",))
+
+    def _close_transport(self) -> None:
+        self.did.append(("close TCP",))
+
+    def _abort_transport(self) -> None:
+        self.did.append(("abort TCP",))
+
+    def _call_later(self, delay: float, callback):  # type: ignore[no-untyped-def]
+        timer = Timer(delay, callback)
+        self.timers.append(timer)
+        return timer
+
+
+class ServerShell(Recorder):
+    __slots__ = ()
+    is_server = True
+
+
+class ClientShell(Recorder):
+    __slots__ = ()
+    is_server = False
+
+
+def Shell(is_server: bool) -> Recorder:  # noqa: N802 - a factory named like the class it stands for
+    return ServerShell() if is_server else ClientShell()
+
+
+class Timer:
+    def __init__(self, delay: float, callback) -> None:  # type: ignore[no-untyped-def]
+        self.delay, self.callback, self.cancelled = delay, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("is_server", [True, False])
+def test_peer_close_is_echoed_and_bounded(is_server: bool) -> None:
+    p = Shell(is_server)
+    p.receive_close(4000, "bye")
+    assert p._state == CLOSING and p.close_code == 4000 and p.closed_by == "remote"
+    assert p.did[0] == ("close frame", b"\x0f\xa0")  # the code echoed, the reason not
+    # the server closes TCP first; a client waits for the server's FIN
+    assert (("close TCP",) in p.did) == is_server
+    assert [t.delay for t in p.timers] == [5.0]
+    if not is_server:
+        p.receive_eof()
+        assert p.did[-1] == ("close TCP",)
+    assert p.connection_ended() and p._state == CLOSED and p.timers[0].cancelled
+    assert p.closed_cleanly and p.close_code == 4000
+    assert not p.connection_ended()  # once
+
+
+def test_an_empty_close_frame_is_echoed_empty() -> None:
+    p = Shell(True)
+    p.receive_close(1005, "")
+    assert p.did[0] == ("close frame", b"") and p.close_code == 1005
+
+
+@pytest.mark.parametrize("is_server", [True, False])
+def test_our_close_keeps_reading_until_the_answer(is_server: bool) -> None:
+    p = Shell(is_server)
+    p.close(1001, "going")
+    assert p.did == [("close frame", b"\x03\xe9going"), ("keep reading",), ("drop messages",)]
+    assert p.closed and p.close_code == 1001 and p.closed_by == "local"
+    p.close(1000)  # a second close does nothing
+    assert len(p.did) == 3 and len(p.timers) == 1
+    p.receive_close(1000, "")  # the peer answers with another code: ours stays the reason
+    assert p.close_code == 1001 and p.closed_cleanly
+    assert (p.did[-1] == ("close TCP",)) == is_server
+
+
+def test_the_deadline_aborts() -> None:
+    p = Shell(True)
+    p.close()
+    p.timers[0].callback()
+    assert p.did[-1] == ("abort TCP",)
+
+
+@pytest.mark.parametrize("is_server", [True, False])
+def test_fail_sends_once_discards_and_half_closes(is_server: bool) -> None:
+    p = Shell(is_server)
+    p.fail(1009, "x" * 200)
+    (kind, payload), *rest = p.did
+    assert kind == "close frame" and payload[:2] == b"\x03\xf1" and len(payload) == 2 + 123
+    assert ("discard input",) in rest
+    assert (("FIN",) in rest) == is_server  # then wait for the peer's EOF
+    p.fail(1002, "again")  # a second failure sends nothing more
+    assert [d for d in p.did if d[0] == "close frame"] == [("close frame", payload)]
+    p.receive_eof()
+    assert p.did[-1] == ("close TCP",) and len(p.timers) == 1
+
+
+def test_fail_of_a_dead_peer_closes_at_once() -> None:
+    p = Shell(True)
+    p.fail(1011, "keepalive ping timeout", peer_alive=False)
+    assert p.did[-1] == ("close TCP",) and ("FIN",) not in p.did
+
+
+def test_invalid_codes() -> None:
+    p = Shell(True)
+    with pytest.raises(ValueError):
+        p.close(1006)  # reserved: never on the wire
+    with pytest.raises(ValueError):
+        p.close(1000, "é" * 62)  # 124 bytes
+    assert p._state == OPEN and p.did == []
+    p.fail(1005, "internal mistake")  # fail() never raises: an unusable code becomes 1011
+    assert p.did[0] == ("close frame", b"\x03\xf3")
+
+
+def test_eof_without_close_is_1006() -> None:
+    p = Shell(True)
+    p.receive_eof()
+    assert p.did == [("close TCP",)] and p.close_code == 1006 and p.closed_by == ""
+    assert p.connection_ended() and not p.closed_cleanly
+
+
+def test_truncate_reason_keeps_characters_whole() -> None:
+    assert truncate_reason("ü" * 70) == "ü" * 61  # 122 bytes: the 62nd would need 124
+    assert truncate_reason("short") == "short"
+
+
+def test_connection_closed_error_carries_both_frames() -> None:
+    p = Shell(True)
+    p.fail(1009, "too big")
+    exc = p.connection_closed_error()
+    assert isinstance(exc, ConnectionClosed) and exc.code == 1009 and exc.sent == (1009, "too big")
+
+
+# -- keepalive ---------------------------------------------------------------------------------------
+
+
+def test_keepalive_step() -> None:
+    # silent for the interval: ping, look again after the timeout
+    assert keepalive_step(20.0, 0.0, 0.0, 20.0, 10.0) == (PING, 30.0)
+    # not yet
+    assert keepalive_step(10.0, 0.0, 0.0, 20.0, 10.0) == (0, 20.0)
+    # pinged at 20, nothing since: wait until 30, then time out
+    assert keepalive_step(25.0, 0.0, 20.0, 20.0, 10.0) == (0, 30.0)
+    assert keepalive_step(30.0, 0.0, 20.0, 20.0, 10.0) == (TIMEOUT, None)
+    # the pong came at 20 (any read counts): next ping due at 40
+    assert keepalive_step(30.0, 20.0, 20.0, 20.0, 10.0) == (0, 40.0)
+    # pings off
+    assert keepalive_step(100.0, 0.0, 0.0, None, 10.0) == (0, None)
+
+
+# -- the inbox ---------------------------------------------------------------------------------------
+
+
+async def test_inbox_flow_control_and_end() -> None:
+    flow: list[bool] = []
+    inbox = Inbox(asyncio.get_running_loop(), flow.append, max_messages=4, max_bytes=10)
+    for m in ("aa", "bb", "cc"):
+        inbox.put(m)
+    assert flow == [] and inbox.queued_bytes == 6
+    inbox.put("dddd")  # 10 bytes: full
+    assert flow == [False] and inbox.full
+    assert await inbox.get() == "aa"
+    assert await inbox.get() == "bb"
+    assert flow == [False]  # 6 bytes left: more than half of 10
+    assert await inbox.get() == "cc"
+    assert flow == [False, True]  # half drained: read again
+    getter = asyncio.ensure_future(asyncio.gather(inbox.get(), inbox.get()))
+    await asyncio.sleep(0)
+    inbox.end(ConnectionClosed(1000))
+    with pytest.raises(ConnectionClosed):
+        await getter  # the queued one comes first, then the end
+    assert len(inbox) == 0
+
+
+async def test_inbox_get_without_messages_waits() -> None:
+    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=4, max_bytes=0)
+    waiter = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert inbox.waiting and not waiter.done()
+    inbox.put(b"x")
+    assert await waiter == b"x"
