@@ -24,7 +24,7 @@ from fastws.protocol import (
 class Recorder(WebSocketProtocol):
     """Records what the state machine asks for."""
 
-    __slots__ = ("did", "timers")
+    __slots__ = ("did", "timers", *WebSocketProtocol.FIELDS)
 
     def __init__(self) -> None:
         self._init_protocol()

@@ -22,6 +22,7 @@ from fastws.errors import PayloadTooBig, ProtocolError
 
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    object PyObject_CallMethodOneArg(object obj, object name, object arg)
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
     int PyBUF_WRITE
 
@@ -375,203 +376,6 @@ def encode_frame(int opcode, payload, *, bint fin=True, bint rsv1=False, bint ma
         PyBuffer_Release(&view)
 
 
-cdef class FrameWriter:
-    """Encodes frames for one connection and hands them to ``write``.
-
-    While corked (the reader corks during each read), frames are appended to
-    one output buffer and written with a single call on uncork: one send()
-    per read batch instead of one per message.
-    """
-
-    cdef object _write
-    cdef object _writelines
-    cdef list _chunks              # while corked: encoded output with big payloads kept uncopied
-    cdef object _deflate
-    cdef bint _masked
-    cdef int _cork_depth
-    cdef char *_out
-    cdef Py_ssize_t _out_len
-    cdef Py_ssize_t _out_cap
-    cdef public Py_ssize_t compress_threshold
-    cdef public Py_ssize_t fragment_size
-
-    def __cinit__(self):
-        self._out = NULL
-
-    def __init__(self, write, *, bint is_server=True, writelines=None, deflate=None,
-                 Py_ssize_t compress_threshold=128, Py_ssize_t fragment_size=0):
-        self._write = write
-        self._writelines = writelines
-        self._deflate = deflate
-        self._masked = not is_server
-        self.compress_threshold = compress_threshold
-        self.fragment_size = fragment_size
-
-    def __dealloc__(self):
-        PyMem_Free(self._out)
-
-    @property
-    def corked(self):
-        return self._cork_depth > 0
-
-    @property
-    def buffered(self):
-        """Bytes queued while corked, not yet handed to ``write``."""
-        return self._out_len + (sum(len(c) for c in self._chunks) if self._chunks else 0)
-
-    def set_deflate(self, deflate, Py_ssize_t compress_threshold=128):
-        self._deflate = deflate
-        self.compress_threshold = compress_threshold
-
-    cpdef cork(self):
-        self._cork_depth += 1
-
-    cpdef uncork(self):
-        if self._cork_depth > 0:
-            self._cork_depth -= 1
-        if self._cork_depth == 0:
-            self._flush()
-
-    cdef int _take_out(self) except -1:
-        """Move the output buffer's bytes to the chunk list."""
-        if self._out_len:
-            if self._chunks is None:
-                self._chunks = []
-            self._chunks.append(PyBytes_FromStringAndSize(self._out, self._out_len))
-            self._out_len = 0
-        if self._out != NULL and self._cork_depth == 0:
-            # between reads the writer holds nothing: a connection that has exchanged
-            # messages costs what an idle one does
-            PyMem_Free(self._out)
-            self._out = NULL
-            self._out_cap = 0
-        return 0
-
-    cdef int _flush(self) except -1:
-        """Everything queued goes out in one write (one writev when big payloads are among it)."""
-        cdef list chunks
-        self._take_out()
-        chunks = self._chunks
-        if chunks is None:
-            return 0
-        self._chunks = None
-        if len(chunks) == 1:
-            self._write(chunks[0])
-        else:
-            self._writelines(chunks)
-        return 0
-
-    cdef char *_reserve(self, Py_ssize_t n) except NULL:
-        cdef Py_ssize_t cap
-        cdef char *mem
-        if self._out_len + n > self._out_cap:
-            cap = max(self._out_cap * 2, self._out_len + n, 4096)
-            mem = <char *>PyMem_Realloc(self._out, cap)
-            if mem == NULL:
-                raise MemoryError()
-            self._out = mem
-            self._out_cap = cap
-        return self._out + self._out_len
-
-    cdef int _emit(self, int opcode, const char *data, Py_ssize_t n, bint fin, bint rsv1, object owner) except -1:
-        """Queue or write one frame; ``owner`` is an immutable bytes holding data, if any."""
-        cdef const uint8_t *key
-        cdef Py_ssize_t h
-        cdef uint8_t *out
-        cdef uint8_t header[14]
-        if not self._masked and n >= LARGE_PAYLOAD and owner is not None and self._writelines is not None:
-            # Big unmasked payload: the caller's bytes go out as they are (writev), never copied.
-            h = write_header(header, opcode, n, fin, rsv1, NULL)
-            if self._cork_depth == 0:
-                self._writelines((PyBytes_FromStringAndSize(<char *>header, h), owner))
-                return 0
-            memcpy(self._reserve(h), header, h)
-            self._out_len += h
-            self._take_out()
-            self._chunks.append(owner)
-            return 0
-        if self._cork_depth == 0:
-            self._write(build_frame(opcode, data, n, fin, rsv1, self._masked))
-            return 0
-        key = fresh_mask_key() if self._masked else NULL
-        h = header_size(n, self._masked)
-        out = <uint8_t *>self._reserve(h + n)
-        write_header(out, opcode, n, fin, rsv1, key)
-        if key != NULL:
-            fastws_mask_copy(out + h, <const uint8_t *>data, n, key)
-        else:
-            memcpy(out + h, data, n)
-        self._out_len += h + n
-        if self._out_len >= OUT_FLUSH_AT:
-            self._flush()
-        return 0
-
-    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner) except -1:
-        cdef bint rsv1 = False
-        cdef Py_ssize_t step, off
-        cdef int op
-        if self._deflate is not None and n >= self.compress_threshold:
-            owner = self._deflate(data[:n])
-            data = PyBytes_AS_STRING(owner)
-            n = PyBytes_GET_SIZE(owner)
-            rsv1 = True
-        step = self.fragment_size
-        if step <= 0 or n <= step:
-            return self._emit(opcode, data, n, True, rsv1, owner)
-        off = 0
-        op = opcode
-        while off < n:  # RFC 6455 5.4: first frame carries opcode and RSV1, the rest continue
-            self._emit(op, data + off, min(step, n - off), off + step >= n, rsv1 and off == 0, None)
-            op = OPC_CONT
-            off += step
-        return 0
-
-    cpdef send(self, data):
-        """Send one message: str as text, any bytes-like object as binary."""
-        cdef Py_buffer view
-        cdef Py_ssize_t n
-        cdef const char *p
-        if isinstance(data, str):
-            p = PyUnicode_AsUTF8AndSize(data, &n)
-            self._send_message(OPC_TEXT, p, n, None)
-            return
-        if type(data) is bytes:
-            self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data)
-            return
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            # A mutable buffer may change after we return: never pass it on uncopied.
-            self._send_message(OPC_BINARY, <const char *>view.buf, view.len, None)
-        finally:
-            PyBuffer_Release(&view)
-
-    def send_frame(self, int opcode, payload, bint fin=True, bint rsv1=False):
-        """Send a single frame as given (for callers that fragment by hand)."""
-        cdef bytes data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        check_control(opcode, len(data), fin)
-        self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
-
-    cpdef send_raw(self, bytes frame):
-        """Write an already-encoded frame (broadcast: encoded once for many)."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
-        if self._cork_depth == 0:
-            self._write(frame)
-            return
-        memcpy(self._reserve(n), PyBytes_AS_STRING(frame), n)
-        self._out_len += n
-        if self._out_len >= OUT_FLUSH_AT:
-            self._flush()
-
-    def send_ping(self, payload=b""):
-        self.send_frame(OPC_PING, payload)
-
-    def send_pong(self, payload=b""):
-        self.send_frame(OPC_PONG, payload)
-
-    def send_close(self, int code=1000, str reason=""):
-        self.send_frame(OPC_CLOSE, encode_close_payload(code, reason))
-
-
 # --------------------------------------------------------------------------
 # Frame reading
 
@@ -602,102 +406,302 @@ cdef char *scratch_buffer() except? NULL:
 cdef double _clock = 0.0
 
 def set_clock(double now):
-    """Advance the clock that stamps FrameReader.last_read / last_message."""
+    """Advance the clock that stamps readers' last_read / last_message."""
     global _clock
     _clock = now
 
 
-cdef class FrameReader:
-    """Incremental RFC 6455 frame parser; see _frame.pyi for the contract."""
+# --------------------------------------------------------------------------
+# One connection's wire state: _Wire holds the reader's and the writer's fields
+# and does all the work in cdef methods.  FrameReader and FrameWriter expose one
+# half each (tests, the client); SessionCore (the server session) is both in one
+# object, which is what keeps an idle connection small.
 
-    cdef public object on_message  # swappable: the session routes messages through a queue at times
-    cdef object _handler            # control frames are rare: look its methods up when needed
-    cdef object _on_error           # given: buffer_updated reports errors here instead of raising
+cdef object S_WRITE = "write"
+cdef object S_WRITELINES = "writelines"
+cdef object S_WRITE_NOCHECK = "write_nocheck"  # aiofastnet: writes we promise are bytes
+cdef object S_WRITELINES_NOCHECK = "writelines_nocheck"
+cdef tuple EMPTY_TUPLE = ()
+
+PAUSED_WRITING = 1  # SessionCore._paused bits; the Python session adds its own
+OPEN_STATE = 1  # fastws.protocol.OPEN
+
+
+cdef class _Ready:
+    """What a send returns when no waiting is needed: awaiting it is free."""
+
+    def __await__(self):
+        return iter(EMPTY_TUPLE)
+
+
+READY = _Ready()
+
+
+cdef class _Wire:
+    # -- the writer half ---------------------------------------------------------
+    cdef object _transport          # writes go to its write()/writelines() (FrameWriter: or callables)
+    cdef list _chunks               # while corked: encoded output with big payloads kept uncopied
+    cdef object _deflate
+    cdef unsigned char _masked
+    cdef unsigned char _nocheck     # the transport has write_nocheck/writelines_nocheck
+    cdef int _cork_depth
+    cdef char *_out
+    cdef Py_ssize_t _out_len
+    cdef Py_ssize_t _out_cap
+    cdef Py_ssize_t _compress_threshold
+    cdef Py_ssize_t _fragment_size
+    # -- the reader half ---------------------------------------------------------
+    # (control frames, errors and the writer to cork go through the cdef methods _target,
+    # _report_error, _pong and _read_writer: FrameReader keeps its own fields for them)
+    cdef object _on_message         # called with each message (or with _msg_self and the message)
+    cdef object _msg_self
     cdef object _pending_close      # (code, reason) of a close frame, handed over after the flush
     cdef object _inflate
-    cdef FrameWriter _writer
-    cdef bint _is_server
-    cdef bint _closed
-    cdef bint _in_scratch          # the last get_buffer handed out the shared buffer
-    cdef public Py_ssize_t max_message_size
+    cdef unsigned char _is_server
+    cdef unsigned char _closed
+    cdef unsigned char _in_scratch  # the last get_buffer handed out the shared buffer
+    cdef unsigned char _backlog     # the frame cap stopped a parse: the handler was told (on_backlog)
+    cdef Py_ssize_t _max_message_size
+    cdef Py_ssize_t _max_frames     # 0: no cap
     # bytes kept between reads: the start of a partial frame
     cdef char *_buf
     cdef Py_ssize_t _buf_len
     cdef Py_ssize_t _buf_cap
     # the partial frame at the start of _buf: payload bytes already unmasked/validated
     cdef Py_ssize_t _done
-    cdef Py_ssize_t _frame_total   # header + payload of that frame, once its header is complete
+    cdef Py_ssize_t _frame_total    # header + payload of that frame, once its header is complete
     # the fragmented message being reassembled
-    cdef int _msg_opcode           # 0: none
-    cdef bint _msg_compressed
+    cdef int _msg_opcode            # 0: none
+    cdef unsigned char _msg_compressed
     cdef char *_msg
     cdef Py_ssize_t _msg_len
     cdef Py_ssize_t _msg_cap
     cdef uint32_t _utf8_state
-    cdef Py_ssize_t _consumed      # bytes of the current input fully handled (for handler exceptions)
+    cdef Py_ssize_t _consumed       # bytes of the current input fully handled (for handler exceptions)
     # a big single-frame message read straight into the bytes object that will be delivered
     cdef bytes _direct
     cdef Py_ssize_t _direct_have
     cdef int _direct_opcode
-    cdef bint _direct_masked
-    cdef bint _in_direct           # the last get_buffer handed out the rest of _direct
+    cdef unsigned char _direct_masked
+    cdef unsigned char _in_direct   # the last get_buffer handed out the rest of _direct
     cdef uint8_t _direct_key[4]
-    cdef public Py_ssize_t messages  # data messages delivered (idle detection reads it)
-    cdef public Py_ssize_t reads     # buffer_updated calls (keepalive: any bytes mean the peer lives)
-    cdef public double last_read     # the clock (set_clock) at the last read
-    cdef public double last_message  # the clock at the last data message delivered
-    cdef public object on_pong       # None: pongs are only counted as reads
-    cdef public Py_ssize_t max_frames_per_read  # 0: no cap; else the rest waits for resume()
-    cdef bint _backlog               # the cap stopped a parse: the handler was told (on_backlog)
+    cdef Py_ssize_t _messages       # data messages delivered
+    cdef Py_ssize_t _reads          # reads (keepalive: any bytes mean the peer lives)
+    cdef double _last_read          # the clock (set_clock) at the last read
+    cdef double _last_message       # the clock at the last data message delivered
 
     def __cinit__(self):
+        self._out = NULL
         self._buf = NULL
         self._msg = NULL
 
-    def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
-                 inflate=None, FrameWriter writer=None, on_error=None):
-        self.on_message = handler.on_message
-        self.on_pong = getattr(handler, "on_pong", None)
-        self._handler = handler
-        self._on_error = on_error
-        self._is_server = is_server
-        self.max_message_size = max_message_size
-        self._inflate = inflate
-        self._writer = writer
-
     def __dealloc__(self):
+        PyMem_Free(self._out)
         PyMem_Free(self._buf)
         PyMem_Free(self._msg)
 
-    def set_inflate(self, inflate):
-        """Allow RSV1 (permessage-deflate) from now on, decompressing with ``inflate``."""
-        self._inflate = inflate
+    # == writing ==================================================================
 
-    @property
-    def closed(self):
-        return self._closed
+    cdef int _out_write(self, object data) except -1:
+        PyObject_CallMethodOneArg(self._transport, S_WRITE_NOCHECK if self._nocheck else S_WRITE, data)
+        return 0
 
-    def stop(self):
+    cdef int _out_writelines(self, object chunks) except -1:
+        PyObject_CallMethodOneArg(self._transport, S_WRITELINES_NOCHECK if self._nocheck else S_WRITELINES, chunks)
+        return 0
+
+    cdef bint _has_writelines(self):
+        return True
+
+    cdef inline void _cork(self) noexcept:
+        self._cork_depth += 1
+
+    cdef int _uncork(self) except -1:
+        if self._cork_depth > 0:
+            self._cork_depth -= 1
+        if self._cork_depth == 0:
+            self._flush()
+        return 0
+
+    cdef Py_ssize_t _queued(self):
+        return self._out_len + (sum(len(c) for c in self._chunks) if self._chunks else 0)
+
+    cdef int _take_out(self) except -1:
+        """Move the output buffer's bytes to the chunk list."""
+        if self._out_len:
+            if self._chunks is None:
+                self._chunks = []
+            self._chunks.append(PyBytes_FromStringAndSize(self._out, self._out_len))
+            self._out_len = 0
+        if self._out != NULL and self._cork_depth == 0:
+            # between reads the writer holds nothing: a connection that has exchanged
+            # messages costs what an idle one does
+            PyMem_Free(self._out)
+            self._out = NULL
+            self._out_cap = 0
+        return 0
+
+    cdef int _flush(self) except -1:
+        """Everything queued goes out in one write (one writev when big payloads are among it)."""
+        cdef list chunks
+        self._take_out()
+        chunks = self._chunks
+        if chunks is None:
+            return 0
+        self._chunks = None
+        if len(chunks) == 1:
+            self._out_write(chunks[0])
+        else:
+            self._out_writelines(chunks)
+        return 0
+
+    cdef char *_out_reserve(self, Py_ssize_t n) except NULL:
+        cdef Py_ssize_t cap
+        cdef char *mem
+        if self._out_len + n > self._out_cap:
+            cap = max(self._out_cap * 2, self._out_len + n, 4096)
+            mem = <char *>PyMem_Realloc(self._out, cap)
+            if mem == NULL:
+                raise MemoryError()
+            self._out = mem
+            self._out_cap = cap
+        return self._out + self._out_len
+
+    cdef int _emit(self, int opcode, const char *data, Py_ssize_t n, bint fin, bint rsv1, object owner) except -1:
+        """Queue or write one frame; ``owner`` is an immutable bytes holding data, if any."""
+        cdef const uint8_t *key
+        cdef Py_ssize_t h
+        cdef uint8_t *out
+        cdef uint8_t header[14]
+        if not self._masked and n >= LARGE_PAYLOAD and owner is not None and self._has_writelines():
+            # Big unmasked payload: the caller's bytes go out as they are (writev), never copied.
+            h = write_header(header, opcode, n, fin, rsv1, NULL)
+            if self._cork_depth == 0:
+                self._out_writelines((PyBytes_FromStringAndSize(<char *>header, h), owner))
+                return 0
+            memcpy(self._out_reserve(h), header, h)
+            self._out_len += h
+            self._take_out()
+            self._chunks.append(owner)
+            return 0
+        if self._cork_depth == 0:
+            self._out_write(build_frame(opcode, data, n, fin, rsv1, self._masked))
+            return 0
+        key = fresh_mask_key() if self._masked else NULL
+        h = header_size(n, self._masked)
+        out = <uint8_t *>self._out_reserve(h + n)
+        write_header(out, opcode, n, fin, rsv1, key)
+        if key != NULL:
+            fastws_mask_copy(out + h, <const uint8_t *>data, n, key)
+        else:
+            memcpy(out + h, data, n)
+        self._out_len += h + n
+        if self._out_len >= OUT_FLUSH_AT:
+            self._flush()
+        return 0
+
+    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner) except -1:
+        cdef bint rsv1 = False
+        cdef Py_ssize_t step, off
+        cdef int op
+        if self._deflate is not None and n >= self._compress_threshold:
+            owner = self._deflate(data[:n])
+            data = PyBytes_AS_STRING(owner)
+            n = PyBytes_GET_SIZE(owner)
+            rsv1 = True
+        step = self._fragment_size
+        if step <= 0 or n <= step:
+            return self._emit(opcode, data, n, True, rsv1, owner)
+        off = 0
+        op = opcode
+        while off < n:  # RFC 6455 5.4: first frame carries opcode and RSV1, the rest continue
+            self._emit(op, data + off, min(step, n - off), off + step >= n, rsv1 and off == 0, None)
+            op = OPC_CONT
+            off += step
+        return 0
+
+    cdef int _send(self, object data) except -1:
+        """Send one message: str as text, any bytes-like object as binary."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        cdef const char *p
+        if isinstance(data, str):
+            p = PyUnicode_AsUTF8AndSize(data, &n)
+            return self._send_message(OPC_TEXT, p, n, None)
+        if type(data) is bytes:
+            return self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            # A mutable buffer may change after we return: never pass it on uncopied.
+            self._send_message(OPC_BINARY, <const char *>view.buf, view.len, None)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+
+    cdef int _send_frame(self, int opcode, object payload, bint fin, bint rsv1) except -1:
+        """Send a single frame as given (control frames, hand-made fragments)."""
+        cdef bytes data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        check_control(opcode, len(data), fin)
+        return self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
+
+    cdef int _send_raw(self, bytes frame) except -1:
+        """Write an already-encoded frame (broadcast: encoded once for many)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        if self._cork_depth == 0:
+            self._out_write(frame)
+            return 0
+        memcpy(self._out_reserve(n), PyBytes_AS_STRING(frame), n)
+        self._out_len += n
+        if self._out_len >= OUT_FLUSH_AT:
+            self._flush()
+        return 0
+
+    # == reading ==================================================================
+
+    cdef object _target(self):
+        """Who gets on_ping / on_close / on_backlog (FrameReader: its handler)."""
+        return self
+
+    cdef _Wire _read_writer(self):
+        """The writer corked while a read is parsed (replies leave in one write after it)."""
+        return self
+
+    cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
+        return 0  # the read itself was the sign of life
+
+    cdef inline int _deliver_message(self, object message) except -1:
+        self._messages += 1
+        self._last_message = _clock
+        if self._msg_self is None:
+            self._on_message(message)
+        else:
+            self._on_message(self._msg_self, message)  # a plain function and its endpoint: no bound method
+        return 0
+
+    cdef int _report_error(self, object exc) except -1:
+        """A read failed (a protocol error, or a handler raised); FrameReader raises or calls on_error."""
+        self.on_read_error(exc)
+        return 0
+
+    cdef void _stop(self) noexcept:
         """Ignore all further input (after failing a connection: RFC 6455 7.1.7)."""
         self._closed = True
         self._backlog = False
         self._pending_close = None
         self._discard()
 
-    def resume(self):
-        """Parse what a frame cap (max_frames_per_read) left buffered."""
+    cdef int _resume(self) except -1:
+        """Parse what a frame cap left buffered."""
         if not self._backlog:
-            return
+            return 0
         self._backlog = False
         try:
             self._process(self._buf, self._buf_len, False)
         except Exception as exc:
-            if self._on_error is None:
-                raise
-            self._on_error(exc)
+            self._report_error(exc)
+        return 0
 
-    @property
-    def buffered(self):
+    cdef Py_ssize_t _buffered(self) noexcept:
         return self._buf_len + self._msg_len + (self._direct_have if self._direct is not None else 0)
 
     # -- buffer management -------------------------------------------------
@@ -715,7 +719,7 @@ cdef class FrameReader:
             self._buf_cap = want
         return 0
 
-    def get_buffer(self, Py_ssize_t sizehint=-1):
+    cdef object _get_buffer(self, Py_ssize_t sizehint):
         cdef Py_ssize_t free
         if self._direct is not None:
             # exactly the rest of the frame, so no read runs into the next one
@@ -735,10 +739,10 @@ cdef class FrameReader:
             self._reserve(free)
         return PyMemoryView_FromMemory(self._buf + self._buf_len, self._buf_cap - self._buf_len, PyBUF_WRITE)
 
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int _buffer_updated(self, Py_ssize_t nbytes) except -1:
         global _scratch_busy
-        self.reads += 1
-        self.last_read = _clock
+        self._reads += 1
+        self._last_read = _clock
         try:
             if self._in_direct:
                 self._in_direct = False
@@ -754,12 +758,11 @@ cdef class FrameReader:
                 self._buf_len += nbytes
                 self._process(self._buf, self._buf_len, False)
         except Exception as exc:
-            if self._on_error is None:
-                raise
-            self._on_error(exc)
+            self._report_error(exc)
+        return 0
 
-    def feed(self, data):
-        """Parse bytes given by the caller (copied; for tests and non-buffered transports)."""
+    cdef int _feed(self, object data) except -1:
+        """Parse bytes given by the caller (copied)."""
         cdef Py_buffer view
         cdef Py_ssize_t k, off = 0
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -770,20 +773,23 @@ cdef class FrameReader:
                 off = k
                 self._direct_progress(k)
             if view.len - off == 0:
-                return
+                return 0
             self._reserve(view.len - off)
             memcpy(self._buf + self._buf_len, <char *>view.buf + off, view.len - off)
             self._buf_len += view.len - off
         finally:
             PyBuffer_Release(&view)
         self._process(self._buf, self._buf_len, False)
+        return 0
 
     cdef int _direct_progress(self, Py_ssize_t n) except -1:
         """``n`` more bytes of the direct frame have landed in place: unmask, check, maybe deliver."""
-        cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(self._direct) + self._direct_have
+        cdef uint8_t *p
         cdef bytes message
-        if self._closed:
+        cdef _Wire writer
+        if self._closed or self._direct is None:
             return 0
+        p = <uint8_t *>PyBytes_AS_STRING(self._direct) + self._direct_have
         try:
             if self._direct_masked:
                 fastws_mask(p, n, self._direct_key, self._direct_have & 3)
@@ -798,18 +804,17 @@ cdef class FrameReader:
             return 0
         message = self._direct
         self._direct = None
-        if self._writer is not None:
-            self._writer.cork()
+        writer = self._read_writer()
+        if writer is not None:
+            writer._cork()
         try:
             if self._direct_opcode == OPC_TEXT:
                 self._deliver(OPC_TEXT, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), False)
             else:
-                self.messages += 1
-                self.last_message = _clock
-                self.on_message(message)  # the very object the payload was read into: no copy
+                self._deliver_message(message)  # the very object the payload was read into: no copy
         finally:
-            if self._writer is not None:
-                self._writer.uncork()
+            if writer is not None:
+                writer._uncork()
         return 0
 
     cdef int _start_direct(self, int opcode, bint masked, const uint8_t *key, const uint8_t *payload,
@@ -828,11 +833,13 @@ cdef class FrameReader:
     cdef int _process(self, char *data, Py_ssize_t n, bint from_scratch) except -1:
         """Parse data[0:n]; keep the unconsumed tail in the private buffer."""
         cdef Py_ssize_t used = 0
+        cdef _Wire writer
         if self._closed:
             self._buf_len = 0
             return 0
-        if self._writer is not None:
-            self._writer.cork()
+        writer = self._read_writer()
+        if writer is not None:
+            writer._cork()
         try:
             self._consumed = 0
             used = self._parse(data, n)
@@ -845,19 +852,19 @@ cdef class FrameReader:
             self._keep_tail(data, n, self._consumed, from_scratch)
             raise
         finally:
-            if self._writer is not None:
-                self._writer.uncork()
+            if writer is not None:
+                writer._uncork()
         if self._closed:
             self._discard()
             if self._pending_close is not None:
                 # after the flush: everything answered in this read goes out before the close
                 code, reason = self._pending_close
                 self._pending_close = None
-                self._handler.on_close(code, reason)
+                self._target().on_close(code, reason)
             return 0
         self._keep_tail(data, n, used, from_scratch)
         if self._backlog:
-            self._handler.on_backlog()  # stop reading; call resume() from the loop later
+            self._target().on_backlog()  # stop reading; call resume() from the loop later
         return 0
 
     cdef int _keep_tail(self, char *data, Py_ssize_t n, Py_ssize_t used, bint from_scratch) except -1:
@@ -904,10 +911,10 @@ cdef class FrameReader:
         cdef Py_ssize_t frames = 0
         self._backlog = False
         while not self._closed:
-            if self.max_frames_per_read and frames >= self.max_frames_per_read:
+            if self._max_frames and frames >= self._max_frames:
                 self._backlog = True  # fairness: the rest of this input waits for the next turn
                 break
-            limit = self.max_message_size
+            limit = self._max_message_size
             avail = n - pos
             if avail < 2:
                 break
@@ -1071,18 +1078,385 @@ cdef class FrameReader:
                 raise ProtocolError(1007, "invalid UTF-8 in text message") from None
         else:
             message = PyBytes_FromStringAndSize(data, n)
-        self.messages += 1
-        self.last_message = _clock
-        self.on_message(message)
+        self._deliver_message(message)
         return 0
 
     cdef int _control(self, int opcode, char *data, Py_ssize_t n) except -1:
         if opcode == OPC_PONG:
-            if self.on_pong is not None:  # else the read itself was the sign of life
-                self.on_pong(PyBytes_FromStringAndSize(data, n))
+            self._pong(data, n)
         elif opcode == OPC_PING:
-            self._handler.on_ping(PyBytes_FromStringAndSize(data, n))
+            self._target().on_ping(PyBytes_FromStringAndSize(data, n))
         else:
             self._pending_close = _parse_close(PyBytes_FromStringAndSize(data, n))
             self._closed = True
         return 0
+
+
+cdef class FrameWriter(_Wire):
+    """Encodes frames for one connection and hands them to ``write`` (or a transport's write).
+
+    While corked (a reader corks its writer during each read), frames are
+    appended to one output buffer and written with a single call on uncork:
+    one send() per read batch instead of one per message.
+    """
+
+    cdef object _write
+    cdef object _writelines
+
+    cdef int _out_write(self, object data) except -1:
+        if self._transport is not None:
+            return _Wire._out_write(self, data)
+        self._write(data)
+        return 0
+
+    cdef int _out_writelines(self, object chunks) except -1:
+        if self._transport is not None:
+            return _Wire._out_writelines(self, chunks)
+        self._writelines(chunks)
+        return 0
+
+    cdef bint _has_writelines(self):
+        return self._transport is not None or self._writelines is not None
+
+    def __init__(self, write=None, *, bint is_server=True, writelines=None, deflate=None,
+                 Py_ssize_t compress_threshold=128, Py_ssize_t fragment_size=0, transport=None):
+        if transport is not None:
+            self._transport = transport
+            self._nocheck = hasattr(transport, "write_nocheck") and hasattr(transport, "writelines_nocheck")
+        elif write is None:
+            raise TypeError("FrameWriter needs write= or transport=")
+        self._write = write
+        self._writelines = writelines
+        self._deflate = deflate
+        self._masked = not is_server
+        self._compress_threshold = compress_threshold
+        self._fragment_size = fragment_size
+
+    @property
+    def compress_threshold(self):
+        return self._compress_threshold
+
+    @compress_threshold.setter
+    def compress_threshold(self, Py_ssize_t value):
+        self._compress_threshold = value
+
+    @property
+    def fragment_size(self):
+        return self._fragment_size
+
+    @fragment_size.setter
+    def fragment_size(self, Py_ssize_t value):
+        self._fragment_size = value
+
+    @property
+    def corked(self):
+        return self._cork_depth > 0
+
+    @property
+    def buffered(self):
+        """Bytes queued while corked, not yet handed to ``write``."""
+        return self._queued()
+
+    def set_deflate(self, deflate, Py_ssize_t compress_threshold=128):
+        self._deflate = deflate
+        self._compress_threshold = compress_threshold
+
+    def cork(self):
+        self._cork()
+
+    def uncork(self):
+        self._uncork()
+
+    def send(self, data):
+        """Send one message: str as text, any bytes-like object as binary."""
+        self._send(data)
+
+    def send_frame(self, int opcode, payload, bint fin=True, bint rsv1=False):
+        """Send a single frame as given (for callers that fragment by hand)."""
+        self._send_frame(opcode, payload, fin, rsv1)
+
+    def send_raw(self, bytes frame):
+        """Write an already-encoded frame (broadcast: encoded once for many)."""
+        self._send_raw(frame)
+
+    def send_ping(self, payload=b""):
+        self._send_frame(OPC_PING, payload, True, False)
+
+    def send_pong(self, payload=b""):
+        self._send_frame(OPC_PONG, payload, True, False)
+
+    def send_close(self, int code=1000, str reason=""):
+        self._send_frame(OPC_CLOSE, encode_close_payload(code, reason), True, False)
+
+
+cdef class FrameReader(_Wire):
+    """Incremental RFC 6455 frame parser; see _frame.pyi for the contract."""
+
+    cdef object _handler            # control frames go to its methods
+    cdef object _on_error           # given: read errors go here instead of being raised
+    cdef object _on_pong            # None: a pong is only a read
+    cdef FrameWriter _writer        # corked while a read is parsed
+
+    cdef object _target(self):
+        return self._handler
+
+    cdef _Wire _read_writer(self):
+        return self._writer
+
+    cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
+        if self._on_pong is not None:
+            self._on_pong(PyBytes_FromStringAndSize(data, n))
+        return 0
+
+    cdef int _report_error(self, object exc) except -1:
+        if self._on_error is None:
+            raise exc
+        self._on_error(exc)
+        return 0
+
+    def __init__(self, handler, *, bint is_server=True, Py_ssize_t max_message_size=1048576,
+                 inflate=None, FrameWriter writer=None, on_error=None):
+        self._on_message = handler.on_message
+        self._on_pong = getattr(handler, "on_pong", None)
+        self._handler = handler
+        self._on_error = on_error
+        self._is_server = is_server
+        self._max_message_size = max_message_size
+        self._inflate = inflate
+        self._writer = writer
+
+    @property
+    def on_message(self):
+        return self._on_message
+
+    @on_message.setter
+    def on_message(self, value):
+        self._on_message = value
+        self._msg_self = None
+
+    @property
+    def on_pong(self):
+        return self._on_pong
+
+    @on_pong.setter
+    def on_pong(self, value):
+        self._on_pong = value
+
+    @property
+    def max_message_size(self):
+        return self._max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, Py_ssize_t value):
+        self._max_message_size = value
+
+    @property
+    def max_frames_per_read(self):
+        return self._max_frames
+
+    @max_frames_per_read.setter
+    def max_frames_per_read(self, Py_ssize_t value):
+        self._max_frames = value
+
+    @property
+    def messages(self):
+        return self._messages
+
+    @property
+    def reads(self):
+        return self._reads
+
+    @property
+    def last_read(self):
+        return self._last_read
+
+    @last_read.setter
+    def last_read(self, double value):
+        self._last_read = value
+
+    @property
+    def last_message(self):
+        return self._last_message
+
+    @last_message.setter
+    def last_message(self, double value):
+        self._last_message = value
+
+    def set_inflate(self, inflate):
+        """Allow RSV1 (permessage-deflate) from now on, decompressing with ``inflate``."""
+        self._inflate = inflate
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def buffered(self):
+        return self._buffered()
+
+    def stop(self):
+        """Ignore all further input (after failing a connection: RFC 6455 7.1.7)."""
+        self._stop()
+
+    def resume(self):
+        """Parse what a frame cap (max_frames_per_read) left buffered."""
+        self._resume()
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        return self._get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self._buffer_updated(nbytes)
+
+    def feed(self, data):
+        """Parse bytes given by the caller (copied; for tests and non-buffered transports)."""
+        self._feed(data)
+
+
+cdef class SessionCore(_Wire):
+    """The C half of a server session (fastws.connection.Session is the Python half).
+
+    One object is the connection's reader, its writer and the fields the hot
+    paths look at; an idle connection costs this object, its transport and
+    little more.  The transport reads straight into it (get_buffer /
+    buffer_updated), messages go to the endpoint's plain function with the
+    endpoint as first argument (no bound method kept), and ``send`` checks the
+    session's state in C.  Control frames, errors and state changes call the
+    Python half's methods (on_ping, on_close, on_backlog, on_read_error,
+    _over_send_buffer, _drain_waiter).
+    """
+
+    # the session (fastws.connection.Session uses these)
+    cdef readonly long long id
+    cdef public object _server
+    cdef public object _head         # the request head, parsed again on demand (Session.request)
+    cdef public object _remote       # None: the transport's peer address
+    cdef public object subprotocol
+    cdef public object user
+    cdef public object state
+    cdef public object rooms
+    cdef public object endpoint
+    cdef public object params
+    cdef public object deflate       # the negotiated permessage-deflate state (None: no compression)
+    cdef public object _drain
+    cdef public object _inbox
+    cdef public object _task
+    cdef public object ka_bucket     # keepalive's wheel (fastws.keepalive): a list with its links here
+    cdef public object ka_prev
+    cdef public object ka_next
+    cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
+    cdef public bint _async_messages # messages queue for an async on_message
+    # the close state machine's fields (fastws.protocol.WebSocketProtocol)
+    cdef public int _state
+    cdef public bint _close_sent
+    cdef public bint _close_received
+    cdef public int _close_code
+    cdef public object _close_reason
+    cdef public object _closed_by
+    cdef public object _sent_close
+    cdef public object _deadline
+    cdef object __weakref__
+
+    def _init_core(self, long long session_id, server, head, remote):
+        self.id = session_id
+        self._server = server
+        self._head = head
+        self._remote = remote
+        self._is_server = True
+
+    def _attach_wire(self, transport, *, Py_ssize_t max_message_size, Py_ssize_t max_frames_per_read,
+                     deflate=None, inflate=None, Py_ssize_t compress_threshold=128, double now=0.0):
+        """Start reading and writing ``transport``: frames go to its write(), corked per read."""
+        self._transport = transport
+        self._nocheck = hasattr(transport, "write_nocheck") and hasattr(transport, "writelines_nocheck")
+        self._deflate = deflate
+        self._inflate = inflate
+        self._compress_threshold = compress_threshold
+        self._max_message_size = max_message_size
+        self._max_frames = max_frames_per_read
+        self._last_read = self._last_message = now
+
+    def _deliver_to(self, func, first=None):
+        """Messages go to ``func(message)``, or to ``func(first, message)`` (a function and its endpoint)."""
+        self._on_message = func
+        self._msg_self = first
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @property
+    def messages_received(self):
+        return self._messages
+
+    @property
+    def last_read(self):
+        """The keepalive clock (fastws._frame.set_clock) at the last byte received."""
+        return self._last_read
+
+    @property
+    def last_message(self):
+        return self._last_message
+
+    @property
+    def buffered(self):
+        """Bytes of partial frames and fragmented messages the reader holds."""
+        return self._buffered()
+
+    @property
+    def closed(self):
+        """True once the connection has left OPEN (closing or closed)."""
+        return self._state != OPEN_STATE
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        return self._get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self._buffer_updated(nbytes)
+
+    def _feed_bytes(self, data):
+        """Frames that arrived with the upgrade request; errors go to on_read_error."""
+        try:
+            self._feed(data)
+        except Exception as exc:
+            self._report_error(exc)
+
+    def _stop_input(self):
+        self._stop()
+
+    def _parse_backlog(self):
+        self._resume()
+
+    def _write_frame(self, int opcode, payload):
+        """A control frame, written whatever the state (the close handshake's own frames)."""
+        self._send_frame(opcode, payload, True, False)
+
+    def send(self, message):
+        """Send one message (str: text, bytes-like: binary).
+
+        Returns an awaitable: ``await session.send(x)`` waits while the peer
+        is slow to read; a plain ``session.send(x)`` never blocks, and a peer
+        that has let more than ``max_send_buffer`` bytes pile up when the next
+        message comes is cut off (1008).  Raises ConnectionClosed once closing.
+        """
+        if self._state != OPEN_STATE:
+            raise self.connection_closed_error()
+        if self._paused & PAUSED_WRITING:
+            if self._over_send_buffer():
+                return READY
+            self._send(message)
+            return self._drain_waiter()
+        self._send(message)
+        return READY
+
+    def send_frame(self, bytes frame):
+        """Write an already-encoded frame (the hub's broadcast); a closing session skips it."""
+        if self._state != OPEN_STATE:
+            return READY
+        if self._paused & PAUSED_WRITING:
+            if self._over_send_buffer():
+                return READY
+            self._send_raw(frame)
+            return self._drain_waiter()
+        self._send_raw(frame)
+        return READY

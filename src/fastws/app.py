@@ -92,8 +92,14 @@ class Endpoint:
     """
 
     session: Session
-    hub: Hub
-    params: dict[str, str]
+
+    @property
+    def hub(self) -> Hub:
+        return self.session.hub
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.session.params
 
     def on_open(self) -> Any:
         pass

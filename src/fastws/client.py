@@ -140,6 +140,7 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
         "local_address",
         "_coalesce",
         "__weakref__",
+        *WebSocketProtocol.FIELDS,
     )
 
     is_server = False

@@ -14,61 +14,76 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import types
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from fastws._frame import OP_CLOSE, FrameReader, FrameWriter
+from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, SessionCore
 from fastws.errors import CloseCode, ConnectionClosed, ProtocolError
-from fastws.protocol import CLOSED, NORMAL_ENDS, OPEN, READY, STATE_NAMES, Inbox, WebSocketProtocol, drop_message
+from fastws.handshake import Request
+from fastws.protocol import CLOSED, NORMAL_ENDS, OPEN, STATE_NAMES, Inbox, WebSocketProtocol, drop_message
 
 if TYPE_CHECKING:
     from fastws.app import Route
-    from fastws.handshake import Request
     from fastws.server import Server
+
+NO_PARAMS: dict[str, str] = {}  # shared by every session of a route without parameters: do not modify
 
 log = logging.getLogger("fastws")
 
-# Why reading is paused (bit flags): it resumes when none is left.
-PAUSED_WRITING, INBOX_FULL, BACKLOG = 1, 2, 4
+# Why reading is paused (bit flags; PAUSED_WRITING is the wire core's): it resumes when none is left.
+INBOX_FULL, BACKLOG = 2, 4
 
 
-class Session(WebSocketProtocol, asyncio.BufferedProtocol):
-    """A live WebSocket connection: send, ping, close; request data; hub membership."""
+def _unexpected_data(data: bytes) -> None:
+    raise RuntimeError("a fastws session reads through get_buffer/buffer_updated; "
+                       "this transport called data_received")
 
-    __slots__ = (
-        "id", "request", "remote", "subprotocol", "user", "state", "rooms", "endpoint",
-        "get_buffer", "buffer_updated", "_server", "_transport", "_reader", "_writer", "_paused", "_drain",
-        "_inbox", "_on_message", "_task", "_deflate", "keepalive_slot", "__weakref__",
-    )
+
+class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
+    """A live WebSocket connection: send, ping, close; request data; hub membership.
+
+    Its C half (fastws._frame.SessionCore) is the connection's reader and writer
+    and holds its fields; this class runs the application's code and the state
+    machine's hooks.
+    """
+
+    __slots__ = ()
 
     is_server = True
+    # uvloop caches protocol.data_received when a protocol is set: a shared function
+    # instead of a method costs no bound method per connection (reads use get_buffer).
+    data_received = staticmethod(_unexpected_data)
 
     def __init__(self, server: Server, request: Request, remote: str, subprotocol: str | None,
                  deflate: Any = None) -> None:
+        self._init_core(server.next_session_id(), server, request.pack(), remote)
         self._init_protocol()
-        self.id = server.next_session_id()
-        self.request = request
-        self.remote = remote
         self.subprotocol = subprotocol
-        self.user: Any = None
-        self.state: Any = None  # for the application: whatever it wants to attach to the connection
-        self.rooms: set[str] | None = None
-        self.endpoint: Any = None
-        self.keepalive_slot: Any = None  # the keepalive scheduler's bookkeeping
-        self._server = server
-        self._transport: asyncio.Transport | None = None
-        self._paused = 0  # PAUSED_WRITING | INBOX_FULL | BACKLOG
-        self._drain: asyncio.Future[None] | None = None
-        self._inbox: Inbox | None = None
-        self._on_message: Callable[[Any], Any] | None = None  # an async endpoint's on_message
-        self._task: asyncio.Task[Any] | None = None  # the application's code running for this session
-        self._deflate = deflate
-        self._reader: FrameReader | None = None
-        self._writer: FrameWriter | None = None
+        self.deflate = deflate  # the negotiated permessage-deflate state (None: no compression)
+        self.params = NO_PARAMS
 
     @property
     def close_timeout(self) -> float:  # type: ignore[override]
         return self._server.config.close_timeout
+
+    @property
+    def request(self) -> Request:
+        """The upgrade request (method, path, query, headers), rebuilt from its packed form."""
+        return Request.unpack(self._head)
+
+    @property
+    def remote(self) -> str:
+        """The client's address (after trusted proxies)."""
+        if self._remote is not None:
+            return self._remote
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return peer[0] if peer else "unknown"
+
+    @property
+    def hub(self) -> Any:
+        return self._server.hub
 
     # -- start (called by the server right after the 101 response) -----------------------
 
@@ -76,28 +91,32 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
         """Take over ``transport`` and run the route's endpoint or handler; ``initial``: bytes
         that came right behind the upgrade request."""
         server = self._server
+        if params:
+            self.params = params
         if route.kind == "handler":
-            self._attach(transport, self._enqueue)
+            self._attach(transport)
+            self._deliver_to(self._enqueue)
             server.session_opened(self)
             self._task = server.spawn(self._run_handler(route.target))
-            self.data_received(initial)
+            self._feed_bytes(initial)
             return
         try:
             endpoint = route.target()
             endpoint.session = self
-            endpoint.hub = server.hub
-            endpoint.params = params
         except Exception as exc:  # a constructor that raises: 1011, logged once, nothing left behind
-            self._attach(transport, drop_message)
+            self._attach(transport)
+            self._deliver_to(drop_message)
             server.handler_error(self, exc, "creating the endpoint")
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
-            self.data_received(initial)  # a close frame may be among it
+            self._feed_bytes(initial)  # a close frame may be among it
             return
         self.endpoint = endpoint
-        queued = route.async_open or route.async_message
-        if route.async_message:
-            self._on_message = endpoint.on_message
-        self._attach(transport, self._enqueue if queued else endpoint.on_message)
+        self._attach(transport)
+        self._async_messages = route.async_message
+        if route.async_open or route.async_message:
+            self._deliver_to(self._enqueue)
+        else:
+            self._deliver_directly()
         server.session_opened(self)
         if route.async_open:
             self._task = server.spawn(self._open_async(route.async_message))
@@ -106,29 +125,31 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
                 endpoint.on_open()
             except Exception as exc:
                 self._user_error(exc, "on_open")
-        self.data_received(initial)
+        self._feed_bytes(initial)
 
-    def _attach(self, transport: asyncio.Transport, on_message: Callable[[Any], Any]) -> None:
+    def _deliver_directly(self) -> None:
+        """Messages go from the wire core straight to a sync on_message."""
+        endpoint = self.endpoint
+        func = getattr(type(endpoint), "on_message", None)
+        bound = endpoint.on_message
+        if isinstance(func, types.FunctionType) and getattr(bound, "__func__", None) is func:
+            self._deliver_to(func, endpoint)  # the class's function, called with the endpoint: no bound method
+        else:
+            self._deliver_to(bound)
+
+    def _attach(self, transport: asyncio.Transport) -> None:
         cfg = self._server.config
-        self._transport = transport
-        deflate = self._deflate
-        # aiofastnet transports offer unchecked writes: we only ever hand them bytes
-        write = getattr(transport, "write_nocheck", transport.write)
-        writelines = getattr(transport, "writelines_nocheck", transport.writelines)
-        self._writer = FrameWriter(write, is_server=True, writelines=writelines,
-                                   deflate=deflate.compress if deflate else None,
-                                   compress_threshold=deflate.compress_threshold if deflate else 0)
-        reader = self._reader = FrameReader(self, is_server=True, max_message_size=cfg.max_message_size,
-                                            writer=self._writer, inflate=deflate.decompress if deflate else None,
-                                            on_error=self._read_error)
-        reader.on_message = on_message
-        reader.on_pong = None  # a pong is a read: keepalive sees it without a Python call
-        reader.max_frames_per_read = cfg.max_frames_per_read
-        reader.last_read = reader.last_message = self._server.loop.time()
-        # The transport looks up protocol.get_buffer/buffer_updated when the protocol
-        # is set: binding the reader's methods makes every read a pure Cython call.
-        self.get_buffer = reader.get_buffer
-        self.buffer_updated = reader.buffer_updated
+        deflate = self.deflate
+        if self._remote is not None:
+            peer = transport.get_extra_info("peername")
+            if peer and peer[0] == self._remote:
+                self._remote = None  # the peer itself: read again from the transport when asked
+        self._attach_wire(transport, max_message_size=cfg.max_message_size,
+                          max_frames_per_read=cfg.max_frames_per_read,
+                          deflate=deflate.compress if deflate else None,
+                          inflate=deflate.decompress if deflate else None,
+                          compress_threshold=deflate.compress_threshold if deflate else 0,
+                          now=self._server.loop.time())
         transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_high_water // 4)
         transport.set_protocol(self)
 
@@ -136,19 +157,6 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - set_protocol path
         pass
-
-    def data_received(self, data: bytes) -> None:
-        """Bytes handed over rather than read into our buffer: the frames a client
-        sent right behind its upgrade request, or a transport without buffered reads.
-
-        (Defining it also replaces the HTTP phase's data_received that uvloop
-        caches, which would otherwise keep that phase's objects alive.)
-        """
-        if data and self._reader is not None:
-            try:
-                self._reader.feed(data)
-            except Exception as exc:
-                self._read_error(exc)
 
     def eof_received(self) -> bool:
         self.receive_eof()
@@ -195,24 +203,22 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
     def _pause_reading(self, reason: int) -> None:
         was = self._paused
         self._paused = was | reason
-        if not was and self._state == OPEN and self._transport is not None and self._transport.is_reading():
-            self._transport.pause_reading()
+        transport = self.transport
+        if not was and self._state == OPEN and transport is not None and transport.is_reading():
+            transport.pause_reading()
 
     def _resume_reading(self, reason: int) -> None:
         self._paused &= ~reason
         if not self._paused and self._state != CLOSED:
-            transport = self._transport
+            transport = self.transport
             if transport is not None and not transport.is_reading() and not transport.is_closing():
                 transport.resume_reading()
 
     # -- wire-core callbacks ----------------------------------------------------------------
 
-    def on_message(self, data: Any) -> None:  # replaced in _attach(); kept for the reader's handler lookup
-        pass
-
     def on_ping(self, payload: bytes) -> None:
-        if not self._close_sent and self._writer is not None:
-            self._writer.send_pong(payload)
+        if not self._close_sent:
+            self._write_frame(OP_PONG, payload)
 
     def on_close(self, code: int, reason: str) -> None:
         """The peer's close frame (the reader calls this after flushing its writer)."""
@@ -225,11 +231,10 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
 
     def _resume_backlog(self) -> None:
         self._paused &= ~BACKLOG
-        if self._reader is not None:
-            self._reader.resume()  # calls on_backlog() again if the cap stops it once more
+        self._parse_backlog()  # calls on_backlog() again if the cap stops it once more
         self._resume_reading(0)
 
-    def _read_error(self, exc: Exception) -> None:
+    def on_read_error(self, exc: Exception) -> None:
         """The reader hit a protocol violation, or a sync on_message raised."""
         if isinstance(exc, ProtocolError):
             self._server.protocol_error(self, exc)
@@ -240,66 +245,42 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
     # -- state machine hooks (fastws.protocol) -------------------------------------------------
 
     def _write_close(self, payload: bytes) -> None:
-        if self._writer is not None:
-            self._writer.send_frame(OP_CLOSE, payload)
+        if self.transport is not None:
+            self._write_frame(OP_CLOSE, payload)
 
     def _drop_messages(self) -> None:
-        if self._reader is not None:
-            self._reader.on_message = drop_message
+        self._deliver_to(drop_message)
 
     def _discard_input(self) -> None:
-        if self._reader is not None:
-            self._reader.stop()
+        self._stop_input()
         if self._inbox is not None:
             self._inbox.end(self.connection_closed_error())
 
     def _keep_reading(self) -> None:
         self._paused = 0
-        transport = self._transport
+        transport = self.transport
         if transport is not None and not transport.is_reading() and not transport.is_closing():
             transport.resume_reading()
 
     def _shutdown_write(self) -> None:
-        transport = self._transport
+        transport = self.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()
         elif transport is not None:
             transport.close()  # TLS cannot half-close: its shutdown reads on until the peer answers
 
     def _close_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def _abort_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _call_later(self, delay: float, callback: Callable[[], Any]) -> Any:
         return self._server.loop.call_later(delay, callback)
 
     # -- sending --------------------------------------------------------------------------------
-
-    def send(self, message: str | bytes | bytearray | memoryview) -> Any:
-        """Send one message (str: text, bytes-like: binary).
-
-        Returns an awaitable: ``await session.send(x)`` waits while the peer
-        is slow to read; a plain ``session.send(x)`` never blocks, and a peer
-        that has let more than ``max_send_buffer`` bytes pile up when the next
-        message comes is cut off (1008).  Raises ConnectionClosed once closing.
-        """
-        if self._state != OPEN:
-            raise self.connection_closed_error()
-        if self._paused & PAUSED_WRITING and self._over_send_buffer():
-            return READY
-        self._writer.send(message)  # type: ignore[union-attr]
-        return self._drain_waiter() if self._paused & PAUSED_WRITING else READY
-
-    def send_frame(self, frame: bytes) -> Any:
-        """Write an already-encoded frame (the hub's broadcast); a closing session skips it."""
-        if self._state != OPEN or (self._paused & PAUSED_WRITING and self._over_send_buffer()):
-            return READY
-        self._writer.send_raw(frame)  # type: ignore[union-attr]
-        return self._drain_waiter() if self._paused & PAUSED_WRITING else READY
 
     def _over_send_buffer(self) -> bool:
         """Apply the slow-consumer policy before a send: True if the session was cut off."""
@@ -323,21 +304,17 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
             await self._drain_waiter()
 
     def ping(self, payload: bytes = b"") -> None:
-        if self._state == OPEN and self._writer is not None:
-            self._writer.send_ping(payload)
+        if self._state == OPEN:
+            self._write_frame(OP_PING, payload)
 
     def abort(self) -> None:
         """Drop the TCP connection now (no closing handshake)."""
         self._abort_transport()
 
     @property
-    def deflate(self) -> Any:
-        """The permessage-deflate state negotiated for this session (None: no compression)."""
-        return self._deflate
-
-    @property
     def write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() if self._transport else 0
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     @property
     def queued(self) -> tuple[int, int]:
@@ -348,26 +325,8 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
     @property
     def reading(self) -> bool:
         """False while reading from the peer is paused (backpressure, a full inbox, a frame backlog)."""
-        transport = self._transport
+        transport = self.transport
         return transport is not None and transport.is_reading()
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of partial frames and fragmented messages the reader holds."""
-        return self._reader.buffered if self._reader is not None else 0
-
-    @property
-    def messages_received(self) -> int:
-        return self._reader.messages if self._reader is not None else 0
-
-    @property
-    def last_read(self) -> float:
-        """The keepalive clock at the last byte received (fastws._frame.set_clock)."""
-        return self._reader.last_read if self._reader is not None else 0.0
-
-    @property
-    def last_message(self) -> float:
-        return self._reader.last_message if self._reader is not None else 0.0
 
     # -- queued delivery (async endpoints, handler coroutines) ------------------------------------
 
@@ -383,7 +342,7 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
 
     def _enqueue(self, message: Any) -> None:
         self._get_inbox().put(message)
-        if self._on_message is not None and self._task is None:
+        if self._async_messages and self._task is None:
             self._task = self._server.spawn(self._run_queue())
 
     def _inbox_flow(self, more: bool) -> None:
@@ -395,8 +354,8 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
     async def _run_queue(self) -> None:
         """Hand queued messages to an async on_message, in order, one at a time."""
         inbox = self._inbox
-        handler = self._on_message
-        assert inbox is not None and handler is not None
+        handler = self.endpoint.on_message
+        assert inbox is not None
         try:
             while len(inbox):
                 message = inbox.get_nowait()
@@ -433,8 +392,8 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
                 except Exception as exc:
                     self._user_error(exc, "on_message")
                     return
-            if self._state == OPEN and self._reader is not None:
-                self._reader.on_message = endpoint.on_message
+            if self._state == OPEN:
+                self._deliver_directly()
             return
         if inbox is not None and len(inbox):
             await self._run_queue()

@@ -103,6 +103,10 @@ class Headers:
         return f"Headers({self._pairs()!r})"
 
 
+HANDSHAKE_FIELDS = frozenset({"upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+                              "sec-websocket-extensions"})
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -114,6 +118,25 @@ class Request:
 
     def query_params(self) -> dict[str, list[str]]:
         return parse_qs(self.query)
+
+    def pack(self) -> bytes:
+        """The request in one compact bytes object (a session keeps this, not the objects).
+
+        The target and the header fields are as received (latin-1, never a NUL: the parser
+        refuses those); the path and query are derived from the target again on unpack().
+        The handshake's own fields (Upgrade, Connection, Sec-WebSocket-Key/-Version/-Extensions)
+        are left out: they have done their job once the 101 is sent."""
+        fields = [self.method, self.target, self.http_version]
+        for name, value in self.headers.items():
+            if name.lower() not in HANDSHAKE_FIELDS:
+                fields += (name, value)
+        return "\0".join(fields).encode("latin-1")
+
+    @staticmethod
+    def unpack(data: bytes) -> Request:
+        method, target, version, *pairs = data.decode("latin-1").split("\0")
+        return _make_request(method, target.encode("latin-1"), list(zip(pairs[0::2], pairs[1::2], strict=True)),
+                             version)
 
 
 # ---------------------------------------------------------------------------

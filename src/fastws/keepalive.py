@@ -32,15 +32,49 @@ JITTER = 0.1  # pings go out up to this fraction of the interval early
 PING_FRAME = encode_frame(OP_PING, b"")  # built once for every ping of the process
 
 
-class _Bucket(set):  # type: ignore[type-arg]
-    """The sessions due at one tick; ``ping_sent`` is when they were pinged (0: they were not)."""
+class _Bucket:
+    """The sessions due at one tick, as a doubly linked list threaded through the sessions
+    themselves (their ka_prev / ka_next fields): filing and removing cost no allocation.
+    ``ping_sent`` is when they were pinged (0: they were not)."""
 
-    __slots__ = ("tick", "ping_sent")
+    __slots__ = ("tick", "ping_sent", "first", "size")
 
     def __init__(self, tick: int, ping_sent: float) -> None:
-        super().__init__()
         self.tick = tick
         self.ping_sent = ping_sent
+        self.first: Session | None = None
+        self.size = 0
+
+    def add(self, session: Session) -> None:
+        session.ka_bucket = self
+        session.ka_prev = None
+        session.ka_next = self.first
+        if self.first is not None:
+            self.first.ka_prev = session
+        self.first = session
+        self.size += 1
+
+    def discard(self, session: Session) -> None:
+        if session.ka_bucket is not self:
+            return
+        prev, nxt = session.ka_prev, session.ka_next
+        if prev is None:
+            self.first = nxt
+        else:
+            prev.ka_next = nxt
+        if nxt is not None:
+            nxt.ka_prev = prev
+        session.ka_bucket = session.ka_prev = session.ka_next = None
+        self.size -= 1
+
+    def pop(self) -> Session | None:
+        session = self.first
+        if session is not None:
+            self.discard(session)
+        return session
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class Keepalive:
@@ -76,10 +110,9 @@ class Keepalive:
         self._file(session, when, 0.0)
 
     def remove(self, session: Session) -> None:
-        bucket = session.keepalive_slot
+        bucket = session.ka_bucket
         if bucket is not None:
             bucket.discard(session)
-            session.keepalive_slot = None
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -99,7 +132,6 @@ class Keepalive:
             bucket = self._buckets[key] = _Bucket(tick, ping_sent)
             self._due.setdefault(tick, []).append(bucket)
         bucket.add(session)
-        session.keepalive_slot = bucket
 
     def _next_ping(self, now: float, last_read: float) -> float:
         if not self.ping_interval:
@@ -115,8 +147,7 @@ class Keepalive:
             self._tick += 1
             for bucket in self._due.pop(self._tick, ()):
                 del self._buckets[(bucket.tick, bucket.ping_sent)]
-                for session in bucket:
-                    session.keepalive_slot = None
+                while (session := bucket.pop()) is not None:
                     try:
                         self._check(session, now, bucket.ping_sent)
                     except Exception:  # one bad session must not stop keepalive for the others

@@ -31,7 +31,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from fastws._frame import encode_close_payload, is_valid_close_code
+from fastws._frame import READY, encode_close_payload, is_valid_close_code  # noqa: F401 (READY: re-exported)
 from fastws.errors import CloseCode, ConnectionClosed
 
 # States
@@ -43,18 +43,6 @@ LOCAL, REMOTE = "local", "remote"
 
 # Closes that end `async for message in ws` quietly; any other code raises ConnectionClosed.
 NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
-
-
-class _Ready:
-    """What a send returns when no waiting is needed: awaiting it is free."""
-
-    __slots__ = ()
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        return iter(())
-
-
-READY = _Ready()
 
 
 def drop_message(message: Any) -> None:
@@ -82,8 +70,11 @@ class WebSocketProtocol:
     hooks and sets ``is_server`` and ``close_timeout``.
     """
 
-    __slots__ = ("_state", "_close_sent", "_close_received", "_close_code", "_close_reason", "_closed_by",
-                 "_sent_close", "_deadline")
+    # The fields live in the shell (SessionCore's C fields, ClientConnection's slots): this class
+    # adds behaviour only, so it can sit next to a C base class.
+    __slots__ = ()
+    FIELDS = ("_state", "_close_sent", "_close_received", "_close_code", "_close_reason", "_closed_by",
+              "_sent_close", "_deadline")
 
     is_server = True
     close_timeout = 5.0
