@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memmove
 
 import os
 
-from fastws.errors import PayloadTooBig, ProtocolError
+from fastws.errors import ConnectionClosed, PayloadTooBig, ProtocolError
 
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
@@ -437,6 +437,134 @@ cdef class _Ready:
 READY = _Ready()
 
 
+cdef class Inbox:
+    """Messages received but not yet taken by ``recv()`` (handler coroutines, async endpoints, the client).
+
+    Bounded in messages and in bytes: past either limit ``flow(False)`` asks
+    the shell to stop reading (TCP then pushes back on the peer); once the
+    consumer has taken half of it, ``flow(True)`` to read again.  ``end(exc)``
+    marks the end of the stream: ``get()`` returns what was queued, then raises
+    it.  ``get()`` is a C coroutine that returns at once when a message is
+    queued (no future, no suspension); one consumer at a time.
+    """
+
+    cdef list _items
+    cdef Py_ssize_t _head           # _items[_head:] are queued
+    cdef Py_ssize_t _bytes
+    cdef Py_ssize_t _max_messages
+    cdef Py_ssize_t _max_bytes
+    cdef object _waiter
+    cdef object _loop
+    cdef object _flow
+    cdef object _end
+    cdef unsigned char _paused
+
+    def __init__(self, loop, flow, *, Py_ssize_t max_messages, Py_ssize_t max_bytes):
+        self._items = []
+        self._loop = loop
+        self._flow = flow
+        self._max_messages = max(1, max_messages)
+        self._max_bytes = max_bytes
+
+    def __len__(self):
+        return len(self._items) - self._head
+
+    @property
+    def queued_bytes(self):
+        return self._bytes
+
+    @property
+    def full(self):
+        return self._is_full()
+
+    @property
+    def waiting(self):
+        """A consumer is blocked in get()."""
+        return self._waiter is not None
+
+    cdef inline bint _is_full(self):
+        return (len(self._items) - self._head >= self._max_messages
+                or (self._max_bytes > 0 and self._bytes >= self._max_bytes))
+
+    cdef bint _put(self, object message) except -1:
+        """Queue ``message``; True if a waiting consumer was woken."""
+        cdef object waiter
+        self._items.append(message)
+        self._bytes += len(message)
+        if not self._paused and self._is_full():
+            self._paused = True
+            self._flow(False)
+        waiter = self._waiter
+        if waiter is None:
+            return False
+        self._waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    cdef object _pop(self):
+        """The next message (the caller checked that one is queued)."""
+        cdef object message = self._items[self._head]
+        self._items[self._head] = None
+        self._head += 1
+        if self._head == len(self._items):
+            self._items.clear()  # empty: the list lets go of its item array
+            self._head = 0
+        self._bytes -= len(message)
+        if self._paused and len(self._items) - self._head <= self._max_messages // 2 and (
+                self._max_bytes <= 0 or self._bytes <= self._max_bytes // 2):
+            self._paused = False
+            self._flow(True)
+        return message
+
+    def put(self, message):
+        self._put(message)
+
+    def get_nowait(self):
+        """The next message; IndexError when none is queued."""
+        if self._head == len(self._items):
+            raise IndexError("no message queued")
+        return self._pop()
+
+    async def get(self):
+        """The next message, waiting for one; raises the end-of-stream exception when drained."""
+        while True:
+            if self._head < len(self._items):
+                return self._pop()
+            if self._end is not None:
+                raise self._end
+            if self._waiter is None:
+                self._waiter = self._loop.create_future()
+            await self._waiter
+
+    async def anext(self):
+        """get() for ``async for``: a normal close (1000, 1001, 1005) ends the iteration quietly."""
+        while True:
+            if self._head < len(self._items):
+                return self._pop()
+            if self._end is not None:
+                if isinstance(self._end, ConnectionClosed) and self._end.code in (1000, 1001, 1005):
+                    raise StopAsyncIteration
+                raise self._end
+            if self._waiter is None:
+                self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def end(self, exc):
+        """No more messages will come; waiters wake to drain the queue, then get ``exc``."""
+        if self._end is None:
+            self._end = exc
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self):
+        """Drop what is queued (the connection died: nobody will answer these)."""
+        self._items.clear()
+        self._head = 0
+        self._bytes = 0
+
+
 cdef class _Wire:
     # -- the writer half ---------------------------------------------------------
     cdef object _transport          # writes go to its write()/writelines() (FrameWriter: or callables)
@@ -642,7 +770,10 @@ cdef class _Wire:
         """Send a single frame as given (control frames, hand-made fragments)."""
         cdef bytes data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         check_control(opcode, len(data), fin)
-        return self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
+        self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
+        if opcode == OPC_CLOSE and self._cork_depth:
+            self._flush()  # nothing follows a close frame, and TCP may be closed right after it
+        return 0
 
     cdef int _send_raw(self, bytes frame) except -1:
         """Write an already-encoded frame (broadcast: encoded once for many)."""
@@ -669,7 +800,7 @@ cdef class _Wire:
     cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
         return 0  # the read itself was the sign of life
 
-    cdef inline int _deliver_message(self, object message) except -1:
+    cdef int _deliver_message(self, object message) except -1:
         self._messages += 1
         self._last_message = _clock
         if self._msg_self is None:
@@ -1339,13 +1470,14 @@ cdef class SessionCore(_Wire):
     cdef public object params
     cdef public object deflate       # the negotiated permessage-deflate state (None: no compression)
     cdef public object _drain
-    cdef public object _inbox
+    cdef public Inbox _inbox
     cdef public object _task
     cdef public object ka_bucket     # keepalive's wheel (fastws.keepalive): a list with its links here
     cdef public object ka_prev
     cdef public object ka_next
     cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
     cdef public bint _async_messages # messages queue for an async on_message
+    cdef unsigned char _queued       # messages go to the inbox (async code takes them)
     # the close state machine's fields (fastws.protocol.WebSocketProtocol)
     cdef public int _state
     cdef public bint _close_sent
@@ -1380,6 +1512,47 @@ cdef class SessionCore(_Wire):
         """Messages go to ``func(message)``, or to ``func(first, message)`` (a function and its endpoint)."""
         self._on_message = func
         self._msg_self = first
+        self._queued = False
+
+    def _deliver_to_inbox(self):
+        """Messages go to the inbox, for async code (self._make_inbox() creates it on first use)."""
+        self._queued = True
+
+    cdef int _deliver_message(self, object message) except -1:
+        if not self._queued:
+            return _Wire._deliver_message(self, message)
+        self._messages += 1
+        self._last_message = _clock
+        if self._inbox is None:
+            self._make_inbox()
+        woke = self._inbox._put(message)
+        if self._async_messages and self._task is None:
+            self._start_queue()  # a task to hand the queue to the async on_message
+            woke = True
+        if woke and self._cork_depth < 2:
+            # a task runs next to answer: its replies of that loop turn leave in one write with ours
+            self._cork()
+            self._server.loop.call_soon(self._uncork_later)
+        return 0
+
+    def _uncork_later(self):
+        self._uncork()
+
+    def recv(self):
+        """The next message (handler-coroutine style): ``await ws.recv()``; raises ConnectionClosed at
+        the end.  A queued message comes back without a future or a suspension."""
+        if self._inbox is None:
+            self._make_inbox()
+        return self._inbox.get()
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        """``async for message in ws``: ends quietly on a normal close (1000, 1001, 1005)."""
+        if self._inbox is None:
+            self._make_inbox()
+        return self._inbox.anext()
 
     @property
     def transport(self):

@@ -15,13 +15,13 @@ import asyncio
 import inspect
 import logging
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, SessionCore
+from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, Inbox, SessionCore
 from fastws.errors import CloseCode, ConnectionClosed, ProtocolError
 from fastws.handshake import Request
-from fastws.protocol import CLOSED, NORMAL_ENDS, OPEN, STATE_NAMES, Inbox, WebSocketProtocol, drop_message
+from fastws.protocol import CLOSED, OPEN, STATE_NAMES, WebSocketProtocol, drop_message
 
 if TYPE_CHECKING:
     from fastws.app import Route
@@ -95,7 +95,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             self.params = params
         if route.kind == "handler":
             self._attach(transport)
-            self._deliver_to(self._enqueue)
+            self._deliver_to_inbox()
             server.session_opened(self)
             self._task = server.spawn(self._run_handler(route.target))
             self._feed_bytes(initial)
@@ -114,7 +114,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         self._attach(transport)
         self._async_messages = route.async_message
         if route.async_open or route.async_message:
-            self._deliver_to(self._enqueue)
+            self._deliver_to_inbox()
         else:
             self._deliver_directly()
         server.session_opened(self)
@@ -330,7 +330,8 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
 
     # -- queued delivery (async endpoints, handler coroutines) ------------------------------------
 
-    def _get_inbox(self) -> Inbox:
+    def _make_inbox(self) -> Inbox:
+        """The inbox in front of async code, made on first use (idle Endpoint sessions have none)."""
         inbox = self._inbox
         if inbox is None:
             cfg = self._server.config
@@ -340,10 +341,9 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
                 inbox.end(self.connection_closed_error())
         return inbox
 
-    def _enqueue(self, message: Any) -> None:
-        self._get_inbox().put(message)
-        if self._async_messages and self._task is None:
-            self._task = self._server.spawn(self._run_queue())
+    def _start_queue(self) -> None:
+        """Messages are queued for an async on_message and nothing takes them yet."""
+        self._task = self._server.spawn(self._run_queue())
 
     def _inbox_flow(self, more: bool) -> None:
         if more:
@@ -352,17 +352,18 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             self._pause_reading(INBOX_FULL)  # the application is behind: TCP pushes back on the peer
 
     async def _run_queue(self) -> None:
-        """Hand queued messages to an async on_message, in order, one at a time."""
-        inbox = self._inbox
+        """Hand queued messages to an async on_message, in order, one at a time, for the rest of
+        the connection (parked on the inbox between messages: no task is made per message)."""
+        get = self._make_inbox().get
         handler = self.endpoint.on_message
-        assert inbox is not None
         try:
-            while len(inbox):
-                message = inbox.get_nowait()
+            while True:
                 try:
-                    result = handler(message)
-                    if inspect.isawaitable(result):
-                        await result
+                    message = await get()
+                except ConnectionClosed:
+                    return  # the end of the stream: after a clean close, every message came first
+                try:
+                    await handler(message)
                 except ConnectionClosed:
                     pass  # sending after the close: not an application error
                 except Exception as exc:
@@ -395,8 +396,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             if self._state == OPEN:
                 self._deliver_directly()
             return
-        if inbox is not None and len(inbox):
-            await self._run_queue()
+        await self._run_queue()
 
     async def _run_handler(self, handler: Callable[[Session], Any]) -> None:
         try:
@@ -424,21 +424,6 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
                 log.exception("error in on_error for %s", self.request.path)
         if self._state == OPEN:
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
-
-    async def recv(self) -> str | bytes:
-        """The next message (handler-coroutine style); raises ConnectionClosed at the end."""
-        return await self._get_inbox().get()
-
-    def __aiter__(self) -> AsyncIterator[str | bytes]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[str | bytes]:
-        try:
-            while True:
-                yield await self.recv()
-        except ConnectionClosed as exc:
-            if exc.code not in NORMAL_ENDS:
-                raise
 
     # -- end of life ------------------------------------------------------------------------------
 

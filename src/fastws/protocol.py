@@ -26,12 +26,10 @@ still has unread data (a reset makes the peer drop our close frame unread).
 
 from __future__ import annotations
 
-import asyncio
-import collections
 from collections.abc import Callable
 from typing import Any
 
-from fastws._frame import READY, encode_close_payload, is_valid_close_code  # noqa: F401 (READY: re-exported)
+from fastws._frame import READY, Inbox, encode_close_payload, is_valid_close_code  # noqa: F401 (re-exported)
 from fastws.errors import CloseCode, ConnectionClosed
 
 # States
@@ -288,91 +286,4 @@ def keepalive_step(now: float, last_read: float, ping_sent: float, ping_interval
 
 
 # -- the inbox: messages waiting for recv() ---------------------------------------------------
-
-
-class Inbox:
-    """Messages received but not yet taken by ``recv()`` (handler coroutines, the client, ASGI).
-
-    Bounded in messages and in bytes: past either limit ``flow(False)`` asks the
-    shell to stop reading (TCP then pushes back on the peer), and once the
-    consumer has taken half of it, ``flow(True)`` to read again.  ``end(exc)``
-    marks the end of the stream: ``recv()`` returns what was queued, then raises it.
-    """
-
-    __slots__ = ("_messages", "_bytes", "_max_messages", "_max_bytes", "_waiter", "_loop", "_flow", "_end",
-                 "_paused")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, flow: Callable[[bool], Any], *, max_messages: int,
-                 max_bytes: int) -> None:
-        self._messages: collections.deque[Any] = collections.deque()
-        self._bytes = 0
-        self._max_messages = max(1, max_messages)
-        self._max_bytes = max_bytes
-        self._waiter: asyncio.Future[None] | None = None
-        self._loop = loop
-        self._flow = flow
-        self._end: BaseException | None = None
-        self._paused = False
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
-
-    @property
-    def full(self) -> bool:
-        return len(self._messages) >= self._max_messages or (self._max_bytes > 0 and self._bytes >= self._max_bytes)
-
-    def put(self, message: Any) -> None:
-        self._messages.append(message)
-        self._bytes += len(message)
-        if not self._paused and self.full:
-            self._paused = True
-            self._flow(False)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def get_nowait(self) -> Any:
-        """The next message; IndexError when none is queued."""
-        message = self._messages.popleft()
-        self._bytes -= len(message)
-        if self._paused and len(self._messages) <= self._max_messages // 2 and (
-                self._max_bytes <= 0 or self._bytes <= self._max_bytes // 2):
-            self._paused = False
-            self._flow(True)
-        return message
-
-    async def get(self) -> Any:
-        """The next message, waiting for one; raises the end-of-stream exception when drained."""
-        while True:
-            if self._messages:
-                return self.get_nowait()
-            if self._end is not None:
-                raise self._end
-            waiter = self._waiter
-            if waiter is None:
-                waiter = self._waiter = self._loop.create_future()
-            await waiter
-
-    @property
-    def waiting(self) -> bool:
-        """A consumer is blocked in get()."""
-        return self._waiter is not None
-
-    def end(self, exc: BaseException) -> None:
-        """No more messages will come; waiters wake to drain the queue, then get ``exc``."""
-        if self._end is None:
-            self._end = exc
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def clear(self) -> None:
-        """Drop what is queued (the connection died: nobody will answer these)."""
-        self._messages.clear()
-        self._bytes = 0
+# Inbox is written in C (fastws._frame): get() returns a queued message without a future.
