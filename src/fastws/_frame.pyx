@@ -770,10 +770,7 @@ cdef class _Wire:
         """Send a single frame as given (control frames, hand-made fragments)."""
         cdef bytes data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         check_control(opcode, len(data), fin)
-        self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
-        if opcode == OPC_CLOSE and self._cork_depth:
-            self._flush()  # nothing follows a close frame, and TCP may be closed right after it
-        return 0
+        return self._emit(opcode, PyBytes_AS_STRING(data), len(data), fin, rsv1, data)
 
     cdef int _send_raw(self, bytes frame) except -1:
         """Write an already-encoded frame (broadcast: encoded once for many)."""
@@ -1603,6 +1600,8 @@ cdef class SessionCore(_Wire):
     def _write_frame(self, int opcode, payload):
         """A control frame, written whatever the state (the close handshake's own frames)."""
         self._send_frame(opcode, payload, True, False)
+        if opcode == OPC_CLOSE and self._cork_depth:
+            self._flush()  # nothing follows a close frame, and TCP may be closed right after it
 
     def send(self, message):
         """Send one message (str: text, bytes-like: binary).
