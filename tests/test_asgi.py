@@ -9,11 +9,14 @@ send, the raw-socket client of tests/wsraw.py.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from test_asgi_apps import MiB, ServerProcess, uvicorn
+from test_asgi_apps import MiB, ServerProcess, free_port, uvicorn
 from wsraw import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, http_exchange, upgrade_request
 
 pytestmark = pytest.mark.timeout(120)
@@ -502,3 +505,32 @@ def test_server_logged_no_unexpected_errors(server: ServerProcess, starlette_ser
         output = proc.output()
         raised = {line for line in output.splitlines() if re.match(r"^[\w.]+(Error|Exception|Disconnected)\b", line)}
         assert raised <= expected, output
+
+
+# -- the gunicorn worker ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("gunicorn") is None and importlib.util.find_spec("gunicorn") is None,
+                    reason="gunicorn is not installed")
+async def test_gunicorn_worker() -> None:
+    """``gunicorn -k fastws.asgi.worker.UvicornWorker``: the app on fastws, 1012 when gunicorn stops."""
+    port = free_port()
+    proc = ServerProcess([sys.executable, "-m", "gunicorn", "test_asgi_apps:fastapi_app", "-k",
+                          "fastws.asgi.worker.UvicornWorker", "-w", "2", "-b", f"127.0.0.1:{port}",
+                          "--graceful-timeout", "10"], port, workers=2).wait_ready()
+    try:
+        clients = [await connect(proc.url("/echo")) for _ in range(4)]
+        for ws in clients:
+            await ws.send("via gunicorn")
+            assert await ws.recv() == "via gunicorn"
+        assert "permessage-deflate; server_no_context_takeover" in clients[0].response.headers[
+            "Sec-WebSocket-Extensions"]  # fastws's negotiation, not websockets'
+        exit_code = asyncio.get_running_loop().run_in_executor(None, proc.stop, signal.SIGTERM, 30.0)
+        for ws in clients:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 15)
+            assert ws.close_code == 1012
+        assert await exit_code == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()

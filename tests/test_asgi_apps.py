@@ -35,7 +35,7 @@ from fastws.asgi import rooms, start_backplane, stop_backplane
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
-PROTOCOL = "fastws.asgi:FastWSProtocol"
+PROTOCOL = os.environ.get("FASTWS_TEST_WS", "fastws.asgi:FastWSProtocol")  # another --ws, to compare
 MiB = 1024 * 1024
 
 # -- what the apps saw, read back over HTTP -------------------------------------------------------
