@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
+import test_browser
 from test_asgi_apps import MiB, ServerProcess, uvicorn
 from test_browser import BROWSER, CDP, HELPERS, CDPError, Page
-from test_browser import chromium as chromium_fixture  # noqa: F401  (registers the "chromium" fixture here)
+
+chromium = test_browser.chromium  # its module-scoped browser fixture, used here too
 
 pytestmark = [pytest.mark.skipif(BROWSER is None, reason="Chromium is not installed"), pytest.mark.timeout(120)]
 
