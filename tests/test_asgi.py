@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import struct
 import sys
 import zlib
@@ -534,3 +535,35 @@ async def test_gunicorn_worker() -> None:
     finally:
         if proc.proc.poll() is None:
             proc.kill()
+
+
+# -- TLS --------------------------------------------------------------------------------------------------------
+
+
+async def test_wss_with_certificates_made_now(tmp_path: Any) -> None:
+    """uvicorn --ssl-*: the scope says wss; messages of every size and close codes go through the TLS
+    transport (it cannot half-close: the fail path closes it instead)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
+    cert.private_key_pem.write_to_path(key_file)
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    proc = uvicorn("test_asgi_apps:fastapi_app", "--ssl-keyfile", str(key_file), "--ssl-certfile", str(cert_file))
+    try:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with connect(proc.url("/scope", "wss"), ssl=context) as ws:
+            assert json.loads(await ws.recv())["scheme"] == "wss"
+        async with connect(proc.url("/echo", "wss"), ssl=context, max_size=None) as ws:
+            for message in ("over TLS ✓", os.urandom(3 * MiB), b"", "x" * 70000):
+                await ws.send(message)
+                assert await ws.recv() == message
+            await ws.close(4010, "tls bye")
+        async with connect(proc.url("/close", "wss"), ssl=context) as ws:
+            await ws.send("4011 closed over TLS")
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (4011, "closed over TLS")
+    finally:
+        proc.stop()
