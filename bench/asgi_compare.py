@@ -74,7 +74,7 @@ VARIANTS = [
     uvicorn_variant(BASELINE, "websockets-sansio", "uvicorn's default --ws"),
     uvicorn_variant("wsproto", "wsproto", "uvicorn --ws wsproto"),
     Variant("granian", [PY, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}",
-                        "--workers", "1", "--log-level", "warning", "--no-ws-compression", APP], "granian",
+                        "--workers", "1", "--log-level", "warning", APP], "granian",
             "granian's own WebSockets (Rust), 1 worker"),
 ]
 
