@@ -508,6 +508,34 @@ def test_server_logged_no_unexpected_errors(server: ServerProcess, starlette_ser
         assert raised <= expected, output
 
 
+# -- uvicorn's other HTTP protocol and the plain asyncio loop ------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--http", "h11"], ["--loop", "asyncio"], ["--loop", "asyncio", "--http", "h11"]],
+                         ids=["h11", "asyncio-loop", "asyncio-loop-h11"])
+async def test_other_http_protocols_and_loops(options: list[str], request: pytest.FixtureRequest) -> None:
+    """The upgrade hand-off is the same from h11 as from httptools, and asyncio's own transports
+    read into the wire core's buffer as uvloop's do."""
+    proc = uvicorn("test_asgi_apps:fastapi_app", *options)
+    k = key(request)
+    try:
+        async with connect(proc.url(f"/echo?id={k}"), max_size=None) as ws:
+            for message in ("text ✓", b"", os.urandom(300_000), "y" * 70_000):
+                await ws.send(message)
+                assert await ws.recv() == message
+            await ws.send(["frag", "ments"])
+            assert await ws.recv() == "fragments"
+            await ws.close(4020, "bye")
+        assert await events(proc, k) == [{"code": 4020, "reason": "bye"}]
+        async with connect(proc.url("/close")) as ws:
+            await ws.send("4021 app closes")
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (4021, "app closes")
+    finally:
+        proc.stop()
+
+
 # -- the gunicorn worker ------------------------------------------------------------------------------------
 
 
