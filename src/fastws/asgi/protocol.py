@@ -116,7 +116,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         "id", "user", "rooms", "get_buffer", "buffer_updated", "keepalive_slot",
         "_config", "_app", "_loop", "_connections", "_tasks", "_default_headers", "_app_state",
         "_transport", "_server", "_client", "_scheme",
-        "_parser", "_request", "_accepted", "_scope", "_reader", "_writer", "_inbox", "_connect_pending",
+        "_parser", "_accepted", "_scope", "_reader", "_writer", "_inbox", "_connect_pending",
         "_early", "_early_buffer", "_task", "_response", "_write_paused", "_drain", "_corked", "_flush_handle",
         "_keepalive", "_hub", "_deflate", "__weakref__",
     )
@@ -143,7 +143,6 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         self._scheme = "ws"
         # the handshake: uvicorn already parsed the head; its limits apply, ours only guard
         self._parser: HeadParser | None = HeadParser(max_head_size=1 * MiB, max_headers=1024)
-        self._request: Request | None = None
         self._accepted: Any = None  # fastws.handshake.Accepted: the 101 without app headers
         self._scope: dict[str, Any] | None = None
         self._reader: Any = None
@@ -189,7 +188,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         try:
             request = self._parser.feed(data)
         except HandshakeError as err:
-            self._refuse(err)
+            self._refuse(err, "")
             return
         if request is not None:
             self._handshake(request)
@@ -253,9 +252,8 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         try:
             self._accepted = accept(request, deflate=options, max_message_size=config.ws_max_size)
         except HandshakeError as err:
-            self._refuse(err)
+            self._refuse(err, request.target)
             return
-        self._request = request
         if parser is not None and parser.rest:
             self._early_data(parser.rest)
         self._scope = self._make_scope(request)
@@ -293,8 +291,8 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         if len(self._early) > MAX_EARLY_DATA:  # frames before the 101: not a WebSocket client
             self._abort_transport()
 
-    def _refuse(self, err: HandshakeError) -> None:
-        log.info('%s - "WebSocket %s" %d', self._client_text(), self._request_target(), err.status)
+    def _refuse(self, err: HandshakeError, target: str) -> None:
+        log.info('%s - "WebSocket %s" %d', self._client_text(), target, err.status)
         self._write_response(error_response(err))
         self._end_handshake()
 
@@ -524,7 +522,8 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
                 self._accept(message)
                 await extension.backplane_started()
             elif kind == "websocket.close":
-                log.info('%s - "WebSocket %s" 403', self._client_text(), self._request_target())
+                log.info('%s - "WebSocket %s" 403', get_client_addr(self._scope),  # type: ignore[arg-type]
+                         get_path_with_query_string(self._scope))  # type: ignore[arg-type]
                 self._write_response(http_response(403, headers=self._default_fields()))
                 self._end_handshake()
             elif kind == "websocket.http.response.start":
@@ -631,9 +630,6 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
 
     def _client_text(self) -> str:
         return f"{self._client[0]}:{self._client[1]}" if self._client else ""
-
-    def _request_target(self) -> str:
-        return self._request.target if self._request is not None else ""
 
     def __repr__(self) -> str:
         path = self._scope["path"] if self._scope else "?"
