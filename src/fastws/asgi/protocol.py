@@ -310,7 +310,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         if self._state == CONNECTING:
             self._state = CLOSING  # closed: sends raise ClientDisconnected; the disconnect code is 1006
             self._inbox.end(self.connection_closed_error())
-            self._loop.call_later(self.close_timeout, self._abort_transport)  # a client that never reads
+            self._loop.call_later(self.close_timeout, self._abort_unless_closed)  # a client that never reads
         self._close_transport()
 
     def _accept(self, message: dict[str, Any]) -> None:
@@ -437,6 +437,10 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
     def _abort_transport(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def _abort_unless_closed(self) -> None:
+        if self._state != CLOSED:
+            self._abort_transport()
 
     def _call_later(self, delay: float, callback: Callable[[], Any]) -> Any:
         return self._loop.call_later(delay, callback)
