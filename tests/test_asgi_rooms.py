@@ -253,3 +253,15 @@ async def test_raw_member_sees_binary_opcode(server: ServerProcess) -> None:
         await raw.send_frame(OP_TEXT, json.dumps({"op": "publish_bytes", "room": "raw-bin", "message": "b"}))
         assert await raw.recv_message() == (OP_BINARY, b"b")
         assert await raw.recv_message() == (OP_TEXT, b'{"ok":1}')
+
+
+def test_rooms_helper_says_what_is_missing() -> None:
+    """On another --ws (or another server) there is no extension: a clear error, not a KeyError."""
+    from fastws.asgi import rooms
+
+    with pytest.raises(LookupError, match="--ws fastws.asgi:FastWSProtocol"):
+        rooms({"type": "websocket", "extensions": {"websocket.http.response": {}}})
+    with pytest.raises(LookupError):
+        rooms({"type": "websocket"})
+    marker = object()
+    assert rooms({"extensions": {"fastws.hub": marker}}) is marker
