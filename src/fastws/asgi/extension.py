@@ -94,7 +94,10 @@ async def backplane_started() -> None:
     """With the first accepted connection: start the backplane $FASTWS_REDIS_URL names, if any
     (without waiting for Redis: the handshake is not delayed, publications queue meanwhile)."""
     if not _env_checked:
-        await start_backplane(timeout=None)
+        try:
+            await start_backplane(timeout=None)
+        except Exception:  # e.g. redis not installed: serve on, without the other nodes
+            log.exception("fastws hub: cannot start the backplane $%s names", REDIS_URL_ENV)
 
 
 async def stop_backplane() -> None:
