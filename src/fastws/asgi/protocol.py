@@ -25,6 +25,7 @@ The ASGI events, as done here::
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -61,7 +62,7 @@ KiB, MiB = 1024, 1024 * 1024
 
 _ids = itertools.count(1)
 _keepalives: dict[tuple[Any, float | None, float | None], Keepalive] = {}
-keepalive_stats: dict[str, int] = {"keepalive_timeouts": 0}
+keepalive_stats: collections.Counter[str] = collections.Counter()  # what Keepalive counts (pings, timeouts)
 
 
 class _KeepaliveSettings:
