@@ -340,18 +340,23 @@ def main() -> int:
     p.add_argument("--results-dir", default="/tmp/fastws-asgi-bench")
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} (you hold it already)")
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    p.add_argument("--render", metavar="SUMMARY_JSON", help="no measuring: the table of a saved summary.json")
     args = p.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.duration = args.duration or (1.5 if args.quick else 3.0)
-    args.warmup = args.warmup if args.warmup is not None else 0.5
-    with cpu_lock(not args.no_lock):
-        summary = measure(args)
-    summary.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), rounds=args.rounds, app=args.app,
-                   duration=args.duration, warmup=args.warmup, server_cpu=args.server_cpu,
-                   client_cpu=args.client_cpu)
-    (Path(args.results_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    command = "python bench/asgi_compare.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-lock")
-    text = markdown(summary, command)
+    if args.render:  # a table again from a saved run (its own command line is in it)
+        summary = json.loads(Path(args.render).read_text())
+    else:
+        args.rounds = args.rounds or (1 if args.quick else 3)
+        args.duration = args.duration or (1.5 if args.quick else 3.0)
+        args.warmup = args.warmup if args.warmup is not None else 0.5
+        with cpu_lock(not args.no_lock):
+            summary = measure(args)
+        command = "python bench/asgi_compare.py" + "".join(
+            f" {a}" for a in sys.argv[1:] if a not in ("--no-lock", "--no-write"))
+        summary.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), rounds=args.rounds,
+                       app=args.app, duration=args.duration, warmup=args.warmup, server_cpu=args.server_cpu,
+                       client_cpu=args.client_cpu, command=command)
+        (Path(args.results_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = markdown(summary, summary["command"])
     print()
     print(text)
     if not args.no_write:
