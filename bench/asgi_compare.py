@@ -273,6 +273,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         f"- Server alone on CPU {summary['server_cpu']} (`taskset`), client (`fastws bench throughput`) on "
         f"CPU {summary['client_cpu']}; loopback; {summary['warmup']} s warm-up + {summary['duration']} s "
         "measured per figure; no compression (the client offers none).",
+        *([f"- Note: {summary['note']}"] if summary.get("note") else []),
         f"- `x {BASELINE}`: ratio to uvicorn's default WebSocket implementation in the same run. CPU: share "
         "of one core used by the server / the client; a server below 100 % is waiting on the client or on "
         "round trips, not on its own work.",
@@ -341,6 +342,7 @@ def main() -> int:
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} (you hold it already)")
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     p.add_argument("--render", metavar="SUMMARY_JSON", help="no measuring: the table of a saved summary.json")
+    p.add_argument("--note", default="", help="a line for the section (e.g. how quiet the machine was)")
     args = p.parse_args()
     if args.render:  # a table again from a saved run (its own command line is in it)
         summary = json.loads(Path(args.render).read_text())
@@ -356,6 +358,8 @@ def main() -> int:
                        app=args.app, duration=args.duration, warmup=args.warmup, server_cpu=args.server_cpu,
                        client_cpu=args.client_cpu, command=command)
         (Path(args.results_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.note:
+        summary["note"] = args.note
     text = markdown(summary, summary["command"])
     print()
     print(text)
