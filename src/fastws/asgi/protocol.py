@@ -58,6 +58,9 @@ log = logging.getLogger("uvicorn.error")  # where uvicorn's own WebSocket protoc
 
 SPEC_VERSION = "2.5"  # ASGI HTTP & WebSocket spec: 2.5 added "reason" to websocket.disconnect
 MAX_EARLY_DATA = 65536  # bytes a client may send before the 101 (it should send none)
+# Replies made while more messages wait are corked and written every FLUSH_EVERY messages (and when the
+# app waits): one send() per batch would leave the client idle until the app's whole batch is done.
+FLUSH_EVERY = 4
 KiB, MiB = 1024, 1024 * 1024
 
 _ids = itertools.count(1)
@@ -118,7 +121,8 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         "_config", "_app", "_loop", "_connections", "_tasks", "_default_headers", "_app_state",
         "_transport", "_server", "_client", "_scheme",
         "_parser", "_accepted", "_scope", "_reader", "_writer", "_inbox", "_connect_pending",
-        "_early", "_early_buffer", "_task", "_response", "_write_paused", "_drain", "_corked", "_flush_handle",
+        "_early", "_early_buffer", "_task", "_response", "_write_paused", "_drain",
+        "_corked", "_corked_sends", "_flush_handle",
         "_keepalive", "_hub", "_deflate", "__weakref__",
     )
 
@@ -157,7 +161,8 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         self._response: tuple[int, list[tuple[bytes, bytes]], list[bytes]] | None = None  # a denial response
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._corked = False  # our own cork on the writer: sends of this loop iteration go out as one write
+        self._corked = False  # our own cork on the writer: replies made together go out together
+        self._corked_sends = 0
         self._flush_handle: asyncio.Handle | None = None
         self._keepalive: Keepalive | None = None
         self._hub: Any = None
@@ -512,6 +517,10 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
             if not self._corked and len(self._inbox):
                 self._cork()  # more messages are waiting for the app: its replies will coalesce
             self._writer.send(data)  # type: ignore[union-attr]
+            if self._corked:
+                self._corked_sends += 1
+                if self._corked_sends >= FLUSH_EVERY:
+                    self._flush_corked()
             if self._write_paused:
                 await self._drain_waiter()
             return
@@ -601,7 +610,17 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         assert self._writer is not None
         self._writer.cork()
         self._corked = True
+        self._corked_sends = 0
         self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush_corked(self) -> None:
+        """Write what the cork holds and keep corking: the client gets to work on the first replies
+        while the app makes the rest (one write per FLUSH_EVERY messages, not one per batch)."""
+        self._corked_sends = 0
+        writer = self._writer
+        assert writer is not None
+        writer.uncork()
+        writer.cork()
 
     def _flush(self) -> None:
         """Write what our cork held (the reader's own cork, if any, flushes when its read is done)."""
