@@ -251,7 +251,7 @@ def cpu_model() -> str:
 
 
 def section_title(app: str) -> str:
-    return SECTION if app == "fastapi" else SECTION + " (bare ASGI app)"
+    return SECTION if app == "fastapi" else "## ASGI: a bare ASGI echo on uvicorn, by WebSocket implementation"
 
 
 def markdown(summary: dict[str, Any], command: str) -> str:
