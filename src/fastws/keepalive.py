@@ -170,8 +170,8 @@ class Keepalive:
             session.send_frame(PING_FRAME)
             if not session.closed:  # look again when the next ping could be due, or the pong late
                 assert self.ping_interval is not None
-                self._file(session, now + min(self.ping_interval, self.ping_timeout), now)
-        elif ping_sent and last_read < ping_sent:  # the pong may still come
+                self._file(session, now + min(self.ping_interval, self.ping_timeout or math.inf), now)
+        elif ping_sent and last_read < ping_sent and self.ping_timeout is not None:  # the pong may still come
             self._file(session, ping_sent + self.ping_timeout, ping_sent)
         else:
             when = self._next_ping(now, last_read)

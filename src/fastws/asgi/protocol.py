@@ -75,8 +75,7 @@ class _KeepaliveSettings:
 
     def __init__(self, ping_interval: float | None, ping_timeout: float | None) -> None:
         self.ping_interval = ping_interval or None
-        # Keepalive needs a number: no timeout is a timeout that never comes.
-        self.ping_timeout = ping_timeout if ping_timeout else 1e9
+        self.ping_timeout = ping_timeout or None  # None: ping every interval, never give up on a pong
         self.idle_timeout = None
 
 
