@@ -227,4 +227,4 @@ def test_keepalive_without_a_timeout_pings_every_interval() -> None:
     # uvicorn's ws_ping_timeout=None: an unanswered ping never fails, the next comes an interval on
     assert keepalive_step(20.0, 0.0, 0.0, 20.0, None) == (PING, 40.0)
     assert keepalive_step(40.0, 0.0, 20.0, 20.0, None) == (PING, 60.0)
-    assert keepalive_step(30.0, 0.0, 20.0, 20.0, None) == (0, 20.0)
+    assert keepalive_step(30.0, 0.0, 20.0, 20.0, None) == (0, 40.0)
