@@ -16,14 +16,15 @@ if sys.platform == "win32":
 else:
     compile_args = ["-O3", "-fno-strict-aliasing"]
 
+macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if trace else []
 extensions = [
-    Extension(
-        "fastws._frame",
-        ["src/fastws/_frame.pyx"],
-        extra_compile_args=compile_args,
-        define_macros=[("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if trace else [],
-    )
+    Extension("fastws._frame", ["src/fastws/_frame.pyx"], extra_compile_args=compile_args, define_macros=macros),
 ]
+# permessage-deflate through zlib's C API; where there are no zlib headers to build against
+# (a plain Windows toolchain), fastws.deflate uses Python's zlib module instead.
+if os.environ.get("FASTWS_NO_ZLIB") != "1" and sys.platform != "win32":
+    extensions.append(Extension("fastws._zlib", ["src/fastws/_zlib.pyx"], libraries=["z"],
+                                extra_compile_args=compile_args, define_macros=macros))
 
 setup(
     ext_modules=cythonize(

@@ -174,15 +174,53 @@ def test_final_block_from_peer_starts_a_new_stream() -> None:
 # Lazy allocation and context reset
 
 
-def test_zlib_objects_are_lazy_and_dropped_without_takeover() -> None:
+def test_zlib_streams_are_lazy_and_shared_without_takeover() -> None:
     keep = make()
-    assert keep._compressor is None and keep._decompressor is None
+    assert not keep.holds_zlib_memory  # made on first use
     keep.decompress(keep.compress(b"data"))
-    assert keep._compressor is not None and keep._decompressor is not None
+    assert keep.holds_zlib_memory
 
     reset = make(local_nct=True, remote_nct=True)
     reset.decompress(reset.compress(b"data"))
-    assert reset._compressor is None and reset._decompressor is None
+    assert not reset.holds_zlib_memory  # the process's shared streams, reset per message
+    other = make(local_nct=True, remote_nct=True)
+    assert other.compress is reset.compress and other.decompress is reset.decompress
+
+
+@pytest.mark.parametrize("takeover", [False, True])
+def test_c_streams_match_python_zlib(takeover: bool) -> None:
+    """fastws._zlib against Python's zlib, both ways, over many messages on one stream."""
+    from fastws import _zlib
+
+    rng = random.Random(7692)
+    ours = _zlib.Deflater(6, 15, 8, takeover)
+    inflater = _zlib.Inflater(15, 1 << 20, takeover)
+    reference_in = zlib.decompressobj(-15)
+    theirs = zlib.compressobj(6, zlib.DEFLATED, -15)
+    for i in range(300):
+        message = rng.choice([b"", b"x", rng.randbytes(rng.randrange(2000)),
+                              b"json " * rng.randrange(1, 500), bytes(rng.randrange(50000))])
+        wire = ours(message)
+        if not takeover:
+            reference_in = zlib.decompressobj(-15)
+        assert reference_in.decompress(wire + TAIL) == message, i
+        if not takeover:
+            theirs = zlib.compressobj(6, zlib.DEFLATED, -15)
+        assert inflater(theirs.compress(message) + theirs.flush(zlib.Z_SYNC_FLUSH)[:-4]) == message, i
+
+
+def test_c_inflater_stops_a_bomb_at_the_limit() -> None:
+    from fastws import _zlib
+
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+    wire = bomb.compress(bytes(100 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)  # 100 MiB of zeros, ~100 KB
+    inflater = _zlib.Inflater(15, 1 << 20, False)
+    with pytest.raises(PayloadTooBig):
+        inflater(wire[:-4])
+    assert inflater(_zlib.Deflater()(b"still works")) == b"still works"  # reset after the refusal
+    with pytest.raises(ProtocolError) as info:
+        inflater(b"\xff\xfe\xfd not deflate")
+    assert info.value.code == 1002
 
 
 def test_no_dict_per_connection() -> None:

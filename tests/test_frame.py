@@ -1128,9 +1128,10 @@ def test_writer_deflate_threshold():
     writes: list = []
     calls = []
 
-    def deflate(b):
-        calls.append(bytes(b))
-        return b"D" + bytes(b)[:3]
+    def deflate(b):  # a text message comes as its str: the compressor takes its UTF-8
+        b = b.encode() if isinstance(b, str) else bytes(b)
+        calls.append(b)
+        return b"D" + b[:3]
 
     w = FrameWriter(writes.append, is_server=True, deflate=deflate, compress_threshold=10)
     w.send(b"x" * 9)

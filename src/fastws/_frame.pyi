@@ -73,7 +73,7 @@ class FrameWriter:
         *,
         is_server: bool = True,  # server frames are unmasked; client frames masked with a fresh key
         writelines: Callable[[tuple[bytes, ...]], object] | None = None,  # big payloads go out uncopied
-        deflate: Callable[[bytes], bytes] | None = None,  # compress a whole message payload (RSV1)
+        deflate: Callable[[str | bytes], bytes] | None = None,  # compress a whole message (a str: its UTF-8)
         compress_threshold: int = 128,  # messages shorter than this are sent uncompressed
         fragment_size: int = 0,
     ) -> None: ...

@@ -728,12 +728,15 @@ cdef class _Wire:
             self._flush()
         return 0
 
-    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner) except -1:
+    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner,
+                           object source=None) except -1:
+        """``owner``: an immutable bytes holding data (sent uncopied when big); ``source``: the
+        caller's object (a str or that bytes), handed to the compressor as it is."""
         cdef bint rsv1 = False
         cdef Py_ssize_t step, off
         cdef int op
         if self._deflate is not None and n >= self._compress_threshold:
-            owner = self._deflate(data[:n])
+            owner = self._deflate(source if source is not None else data[:n])
             data = PyBytes_AS_STRING(owner)
             n = PyBytes_GET_SIZE(owner)
             rsv1 = True
@@ -755,9 +758,9 @@ cdef class _Wire:
         cdef const char *p
         if isinstance(data, str):
             p = PyUnicode_AsUTF8AndSize(data, &n)
-            return self._send_message(OPC_TEXT, p, n, None)
+            return self._send_message(OPC_TEXT, p, n, None, data)
         if type(data) is bytes:
-            return self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data)
+            return self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data, data)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             # A mutable buffer may change after we return: never pass it on uncopied.

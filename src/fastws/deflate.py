@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CloseCode, PayloadTooBig, ProtocolError
+
+try:
+    from . import _zlib
+except ImportError:  # pragma: no cover - built without zlib headers (FASTWS_NO_ZLIB=1, Windows)
+    _zlib = None  # type: ignore[assignment]
 
 __all__ = [
     "EXTENSION_NAME",
@@ -193,8 +199,14 @@ class PerMessageDeflate:
     """RFC 7692 compression state for one connection (either role).
 
     ``local_*`` describes our compressor, ``remote_*`` the peer's (our inflater).
-    zlib objects are created on first use and dropped after each message when
-    context takeover is off, so idle connections hold no zlib memory then.
+    ``compress`` and ``decompress`` are the callables the wire core uses.  With
+    the C zlib streams (fastws._zlib), a direction without context takeover uses
+    the process's shared stream for its settings, reset before each message:
+    the connection holds no zlib memory at all.  With context takeover the
+    connection owns its stream, made on first use (about 64 KiB with the
+    default 12-bit windows and memLevel 5; see the README).  Without fastws._zlib
+    (a build without zlib headers) Python's zlib objects do the same, made per
+    message when there is no context takeover.
     """
 
     __slots__ = (
@@ -206,9 +218,9 @@ class PerMessageDeflate:
         "mem_level",
         "compress_threshold",
         "max_message_size",
+        "compress",
+        "decompress",
         "_params",
-        "_compressor",
-        "_decompressor",
     )
 
     def __init__(
@@ -234,8 +246,20 @@ class PerMessageDeflate:
         self.compress_threshold = compress_threshold
         self.max_message_size = max_message_size  # 0 = unlimited
         self._params: str | None = None  # negotiated response, when built by accept_offer()
-        self._compressor: zlib._Compress | None = None
-        self._decompressor: zlib._Decompress | None = None
+        # 9 for 8: see the module docstring; a larger window is always safe for inflating
+        local_bits, remote_bits = max(9, local_max_window_bits), max(9, remote_max_window_bits)
+        self.compress: Any
+        self.decompress: Any
+        if _zlib is None:
+            self.compress = _PyDeflater(local_bits, mem_level, not local_no_context_takeover)
+            self.decompress = _PyInflater(remote_bits, max_message_size, not remote_no_context_takeover)
+        else:
+            self.compress = (_zlib.shared_deflater(COMPRESS_LEVEL, local_bits, mem_level)
+                             if local_no_context_takeover
+                             else _zlib.Deflater(COMPRESS_LEVEL, local_bits, mem_level, True))
+            self.decompress = (_zlib.shared_inflater(remote_bits, max_message_size)
+                               if remote_no_context_takeover
+                               else _zlib.Inflater(remote_bits, max_message_size, True))
 
     def __repr__(self) -> str:
         role = "server" if self.is_server else "client"
@@ -245,55 +269,11 @@ class PerMessageDeflate:
             f"local_no_ctx={self.local_no_context_takeover} remote_no_ctx={self.remote_no_context_takeover}>"
         )
 
-    # -- data path ---------------------------------------------------------
-
-    def compress(self, payload: bytes | bytearray | memoryview) -> bytes:
-        """Deflate one whole message; the trailing 00 00 ff ff is removed (RFC 7692 7.2.1)."""
-        compressor = self._compressor
-        if compressor is None:
-            compressor = self._new_compressor()
-        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        # Keep the context for the next message only when takeover is allowed.
-        self._compressor = None if self.local_no_context_takeover else compressor
-        # A sync flush always ends with the empty stored block; a lone 0x00 is a
-        # valid empty message (RFC 7692 7.2.3.6) should nothing else remain.
-        return data[:-4] or b"\x00"
-
-    def decompress(self, payload: bytes | bytearray | memoryview) -> bytes:
-        """Inflate one whole message (RSV1 set), bounded by ``max_message_size``.
-
-        Raises PayloadTooBig when the output would exceed the limit (without
-        inflating the rest: zip bombs stay cheap) and ProtocolError(1002) on
-        invalid deflate data.
-        """
-        if not payload:
-            # Not valid RFC 7692 (an empty message is sent as 0x00), and 00 00 ff ff
-            # alone would leave the inflater inside a block: take it as empty, untouched.
-            return b""
-        decompressor = self._decompressor
-        if decompressor is None:
-            decompressor = zlib.decompressobj(-max(9, self.remote_max_window_bits))
-        limit = self.max_message_size
-        try:
-            # Asking for one byte more than allowed proves "too big" without
-            # inflating further; max_length=0 means unlimited.
-            data = decompressor.decompress(b"".join((payload, _TAIL)), limit + 1 if limit else 0)
-        except zlib.error as exc:
-            self._decompressor = None
-            raise ProtocolError(CloseCode.PROTOCOL_ERROR, "invalid compressed data") from exc
-        if limit and len(data) > limit:
-            self._decompressor = None
-            raise PayloadTooBig(f"decompressed message exceeds {limit} bytes")
-        # A BFINAL block ends the deflate stream (RFC 7692 7.2.3.3): start afresh.
-        if self.remote_no_context_takeover or decompressor.eof:
-            self._decompressor = None
-        else:
-            self._decompressor = decompressor
-        return data
-
-    def _new_compressor(self) -> zlib._Compress:
-        bits = max(9, self.local_max_window_bits)  # 9 for 8: see the module docstring
-        return zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -bits, self.mem_level)
+    @property
+    def holds_zlib_memory(self) -> bool:
+        """True once this connection owns a zlib stream (context takeover, after use)."""
+        return any(getattr(part, "allocated", False) and getattr(part, "context_takeover", False)
+                   for part in (self.compress, self.decompress))
 
     # -- negotiation ---------------------------------------------------------
 
@@ -413,3 +393,50 @@ def _format_response(
     if client_bits is not None:
         params.append(("client_max_window_bits", str(client_bits)))
     return format_extension(EXTENSION_NAME, params)
+
+
+# ---------------------------------------------------------------------------
+# Without fastws._zlib: the same callables on Python's zlib objects
+
+
+class _PyDeflater:
+    __slots__ = ("bits", "mem_level", "takeover", "_stream")
+
+    def __init__(self, bits: int, mem_level: int, takeover: bool) -> None:
+        self.bits, self.mem_level, self.takeover = bits, mem_level, takeover
+        self._stream: Any = None
+
+    def __call__(self, payload: str | bytes | bytearray | memoryview) -> bytes:
+        """Deflate one whole message; the trailing 00 00 ff ff is removed (RFC 7692 7.2.1)."""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        stream = self._stream or zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -self.bits, self.mem_level)
+        data = stream.compress(payload) + stream.flush(zlib.Z_SYNC_FLUSH)
+        self._stream = stream if self.takeover else None
+        return data[:-4] or b"\x00"
+
+
+class _PyInflater:
+    __slots__ = ("bits", "max_size", "takeover", "_stream")
+
+    def __init__(self, bits: int, max_size: int, takeover: bool) -> None:
+        self.bits, self.max_size, self.takeover = bits, max_size, takeover
+        self._stream: Any = None
+
+    def __call__(self, payload: bytes | bytearray | memoryview) -> bytes:
+        if not payload:
+            return b""
+        stream = self._stream or zlib.decompressobj(-self.bits)
+        limit = self.max_size
+        try:
+            # one byte more than allowed proves "too big" without inflating further (0 = unlimited)
+            data = stream.decompress(b"".join((payload, _TAIL)), limit + 1 if limit else 0)
+        except zlib.error as exc:
+            self._stream = None
+            raise ProtocolError(CloseCode.PROTOCOL_ERROR, "invalid compressed data") from exc
+        if limit and len(data) > limit:
+            self._stream = None
+            raise PayloadTooBig(f"decompressed message exceeds {limit} bytes")
+        # a BFINAL block ends the deflate stream (RFC 7692 7.2.3.3): start afresh
+        self._stream = stream if self.takeover and not stream.eof else None
+        return data

@@ -29,7 +29,7 @@ def _frame_for(message: str | bytes, deflate: Any = None) -> bytes:
     if deflate is not None:
         payload = message.encode() if isinstance(message, str) else message
         if len(payload) >= deflate.compress_threshold:
-            return encode_frame(opcode, deflate.compress(payload), rsv1=True)
+            return encode_frame(opcode, deflate.compress(message), rsv1=True)
     return encode_frame(opcode, message)
 
 
