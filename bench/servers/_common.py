@@ -14,6 +14,7 @@ def parse_args(description: str, transports: tuple[str, ...] = ()) -> argparse.N
     p.add_argument("--port", type=int, default=9001)
     if transports:
         p.add_argument("--transport", choices=transports, default=transports[0])
+    p.add_argument("--compression", action="store_true", help="offer permessage-deflate (the library's defaults)")
     args = p.parse_args()
     return args
 

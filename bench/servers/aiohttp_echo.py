@@ -1,4 +1,4 @@
-"""aiohttp echo server (web.WebSocketResponse), on uvloop, no compression."""
+"""aiohttp echo server (web.WebSocketResponse), on uvloop; --compression: permessage-deflate (aiohttp's default)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from _common import MAX_MESSAGE, parse_args, ready
 from aiohttp import WSMsgType, web
 
 
+COMPRESS = False
+
+
 async def echo(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False)
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=COMPRESS)
     await ws.prepare(request)
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:
@@ -21,7 +24,9 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
 
 
 async def main() -> None:
+    global COMPRESS
     args = parse_args(__doc__.splitlines()[0])
+    COMPRESS = args.compression
     app = web.Application()
     app.router.add_get("/echo", echo)
     app.router.add_get("/", echo)

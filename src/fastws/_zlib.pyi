@@ -7,9 +7,10 @@ class Deflater:
     level: int
     window_bits: int
     mem_level: int
+    strategy: int  # zlib's: 0 default, 1 filtered, 2 Huffman only, 3 RLE, 4 fixed codes
     allocated: bool  # the zlib stream exists (made on first use)
     def __init__(self, level: int = 6, window_bits: int = 15, mem_level: int = 8,
-                 context_takeover: bool = False) -> None: ...
+                 context_takeover: bool = False, strategy: int = 0) -> None: ...
     def __call__(self, data: str | bytes | bytearray | memoryview) -> bytes: ...  # without the 00 00 ff ff tail
 
 class Inflater:

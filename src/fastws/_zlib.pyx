@@ -83,17 +83,20 @@ cdef class Deflater:
     cdef readonly int level
     cdef readonly int window_bits
     cdef readonly int mem_level
+    cdef readonly int strategy
 
     def __cinit__(self):
         memset(&self._z, 0, sizeof(z_stream))
 
-    def __init__(self, int level=6, int window_bits=15, int mem_level=8, bint context_takeover=False):
+    def __init__(self, int level=6, int window_bits=15, int mem_level=8, bint context_takeover=False,
+                 int strategy=0):
         if not (8 <= window_bits <= 15 and 1 <= mem_level <= 9 and -1 <= level <= 9):
             raise ValueError("window_bits 8..15, mem_level 1..9, level -1..9")
         self.level = level
         self.window_bits = window_bits
         self.mem_level = mem_level
         self.context_takeover = context_takeover
+        self.strategy = strategy  # zlib's: 0 default, 1 filtered, 2 Huffman only, 3 RLE, 4 fixed codes
 
     def __dealloc__(self):
         if self._ready:
@@ -106,7 +109,7 @@ cdef class Deflater:
 
     cdef int _start(self) except -1:
         if deflateInit2(&self._z, self.level, Z_DEFLATED, _raw_bits(self.window_bits), self.mem_level,
-                        Z_DEFAULT_STRATEGY) != Z_OK:
+                        self.strategy) != Z_OK:
             raise MemoryError("zlib could not make a compressor")
         self._ready = True
         return 0

@@ -45,7 +45,9 @@ class Config:
     select_subprotocol: Callable[[Request, list[str]], str | None] | None = None
     compression: bool = False  # permessage-deflate (RFC 7692)
     compress_threshold: int = 128
-    compression_no_context_takeover: bool = True  # bounded memory: no per-connection window kept
+    compression_no_context_takeover: bool = True  # no zlib memory per connection: one shared stream
+    compression_window_bits: int = 12  # with context takeover: each connection's window (both ways)
+    compression_mem_level: int = 5  # with context takeover: zlib memLevel of each connection's compressor
     trusted_proxies: Sequence[str] = ()  # addresses/networks whose forwarding headers we believe
     drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to answer the 1001
     transport: str = "uvloop"  # "uvloop": the loop's own transports; "aiofastnet": aiofastnet's (Cython)
@@ -64,9 +66,14 @@ class Config:
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {self.max_queue!r}")
         nct = self.compression_no_context_takeover
+        if nct:  # one shared stream per process: the full window costs nothing per connection
+            bits, mem_level = 15, 8
+        else:  # each connection keeps its windows: bounded (~64 KiB with the defaults; README)
+            bits, mem_level = self.compression_window_bits, self.compression_mem_level
         self.deflate = DeflateOptions(
             enabled=self.compression, compress_threshold=self.compress_threshold,
-            server_no_context_takeover=nct, client_no_context_takeover=nct)
+            server_no_context_takeover=nct, client_no_context_takeover=nct,
+            server_max_window_bits=bits, client_max_window_bits=bits, mem_level=mem_level)
         try:
             self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
         except ValueError as exc:

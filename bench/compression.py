@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""permessage-deflate: server CPU per compressed message and bytes on the wire, fastws against
+aiohttp and python-websockets, in one run.
+
+    python bench/compression.py                  # ~1 minute
+    python bench/compression.py --messages 100000
+
+Each server runs alone on CPU 0 (taskset) and echoes; one python-websockets client with
+permessage-deflate (its defaults) on CPU 1 sends --messages JSON messages of about 400 bytes
+(realistic quotes: field names repeat, numbers change), --window at a time, and checks every echo.
+Measured on the server process: CPU seconds (user + system, /proc/PID/stat) and bytes written to
+sockets (/proc/PID/io wchar) over the run, per message.  The compression ratio is the payload
+bytes over the compressed bytes the server wrote (frame headers included).  Writes
+bench/results/compression.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import websockets
+from websockets.asyncio.client import connect
+
+HERE = Path(__file__).resolve().parent
+SERVERS = HERE / "servers"
+
+VARIANTS = [
+    ("fastws", ["fastws_echo.py", "--compression"], "no context takeover, shared C stream (default)"),
+    ("fastws-takeover", ["fastws_echo.py", "--compression", "--compression-context-takeover"],
+     "context takeover, 12-bit windows, memLevel 5"),
+    ("aiohttp", ["aiohttp_echo.py", "--compression"], "context takeover, 15-bit windows"),
+    ("websockets", ["websockets_echo.py", "--compression"], "context takeover, 12-bit windows, memLevel 5"),
+    ("fastws-plain", ["fastws_echo.py"], "no compression (the floor)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bytes_written(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def quote(rng: random.Random, i: int) -> str:
+    """About 400 bytes of the JSON a live-quotes feed sends."""
+    symbol = rng.choice(["AAPL", "MSFT", "GOOG", "AMZN", "NVDA", "META", "TSLA", "BRK.B"])
+    price = rng.uniform(50, 900)
+    return json.dumps({
+        "type": "quote", "seq": i, "symbol": symbol, "exchange": "NASDAQ", "currency": "USD",
+        "bid": round(price - 0.01, 2), "ask": round(price + 0.01, 2), "last": round(price, 2),
+        "bid_size": rng.randrange(1, 5000), "ask_size": rng.randrange(1, 5000), "volume": rng.randrange(10**7),
+        "open": round(price * 0.99, 2), "high": round(price * 1.02, 2), "low": round(price * 0.97, 2),
+        "change_percent": round(rng.uniform(-5, 5), 3), "timestamp": "2026-12-01T12:00:00.%06dZ" % (i % 10**6),
+        "market_state": "REGULAR", "source": "consolidated", "flags": ["realtime", "level1"],
+    })
+
+
+async def drive(port: int, messages: list[str], window: int) -> None:
+    async with connect(f"ws://127.0.0.1:{port}/echo", compression="deflate", max_size=None,
+                       ping_interval=None) as ws:
+        for start in range(0, len(messages), window):
+            batch = messages[start:start + window]
+            for m in batch:
+                await ws.send(m)
+            for m in batch:
+                if await ws.recv() != m:
+                    raise SystemExit("wrong echo")
+
+
+def run_variant(name: str, script: list[str], messages: list[str], warmup: list[str], window: int) -> dict:
+    port = free_port()
+    server = subprocess.Popen(["taskset", "-c", "0", sys.executable, str(SERVERS / script[0]), "--port", str(port),
+                               *script[1:]], cwd=SERVERS, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        asyncio.run(drive(port, warmup, window))
+        cpu0, out0, t0 = cpu_seconds(server.pid), bytes_written(server.pid), time.monotonic()
+        asyncio.run(drive(port, messages, window))
+        cpu, out, elapsed = cpu_seconds(server.pid) - cpu0, bytes_written(server.pid) - out0, time.monotonic() - t0
+    finally:
+        server.terminate()
+        server.wait()
+    payload = sum(len(m) for m in messages)
+    return {"server": name, "messages": len(messages), "server_cpu_us_per_message": round(cpu * 1e6 / len(messages), 2),
+            "wire_bytes_per_message": round(out / len(messages), 1), "payload_bytes_per_message": payload / len(messages),
+            "ratio": round(payload / out, 2) if out else None, "msgs_per_s": round(len(messages) / elapsed)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--messages", type=int, default=40000)
+    p.add_argument("--window", type=int, default=16, help="messages in flight")
+    p.add_argument("--only", help="comma-separated variants")
+    args = p.parse_args()
+    os.sched_setaffinity(0, {1})  # the client on CPU 1
+    rng = random.Random(7692)
+    messages = [quote(rng, i) for i in range(args.messages)]
+    warmup = messages[:2000]
+    rows = [run_variant(name, script, messages, warmup, args.window)
+            for name, script, _ in VARIANTS if not args.only or name in args.only.split(",")]
+    notes = {name: note for name, _, note in VARIANTS}
+    print(f"{'server':17} {'CPU us/msg':>10} {'wire B/msg':>10} {'ratio':>6} {'msgs/s':>9}  settings")
+    for r in rows:
+        print(f"{r['server']:17} {r['server_cpu_us_per_message']:>10} {r['wire_bytes_per_message']:>10} "
+              f"{r['ratio']:>6} {r['msgs_per_s']:>9,}  {notes[r['server']]}")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "python": platform.python_version(), "websockets": websockets.__version__,
+              "command": " ".join(["python", *sys.argv]), "message_bytes": sum(map(len, messages)) / len(messages),
+              "rows": rows}
+    out = HERE / "results" / "compression.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
