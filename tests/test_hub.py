@@ -101,3 +101,52 @@ async def test_broadcast_to_plain_and_compressed_sessions(start_server):
             assert await ws.recv() == b"\x01" * 1000
         for ws in clients:
             await ws.close()
+
+
+async def test_fanout_keeps_each_sessions_order(start_server):
+    """The wire core writes a broadcast straight to sockets with nothing queued, and through the
+    transport otherwise: a session's own replies of the same read, and a backlog a slow reader has
+    left, stay in order, and nothing is lost."""
+    import socket
+
+    app = App()
+
+    @app.route("/room")
+    class Room(Endpoint):
+        def on_open(self) -> None:
+            self.hub.join(self.session, "r")
+
+        def on_message(self, message: str | bytes) -> None:
+            self.session.send(f"reply to {message}")  # queued in this read's cork ...
+            self.hub.publish("r", f"all: {message}")  # ... so the fan-out must queue behind it
+
+    server, port = await start_server(app, max_send_buffer=64 << 20)
+    fast = await connect_raw_room(port)
+    slow_sock = socket.socket()
+    slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow_sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(slow_sock, ("127.0.0.1", port))
+    slow = await connect_raw_room(port, sock=slow_sock)
+    await wait_for(lambda: len(server.hub.members("r")) == 2)
+    from fastws._frame import fanout_counts
+
+    direct, queued = fanout_counts()
+    big = "x" * 60000
+    for i in range(40):  # the slow one does not read: its transport queues, later ones must follow
+        server.hub.publish("r", f"{i}:{big}")
+    await fast.send_frame(0x1, b"hello")
+    expected_fast = [f"{i}:{big}" for i in range(40)] + ["reply to hello", "all: hello"]
+    assert [m for _, m in [await fast.recv_message() for _ in expected_fast]] == [e.encode() for e in expected_fast]
+    got = [(await slow.recv_message(10))[1] for _ in range(41)]
+    assert got == [f"{i}:{big}".encode() for i in range(40)] + [b"all: hello"]
+    direct_now, queued_now = fanout_counts()
+    assert direct_now > direct and queued_now > queued  # both paths were taken
+    for ws in (fast, slow):
+        ws.abort()
+    await wait_for(lambda: not server.hub.sessions)
+
+
+async def connect_raw_room(port: int, sock=None):  # type: ignore[no-untyped-def]
+    from wsraw import RawWS
+
+    return await RawWS.connect(port, "/room", sock=sock)

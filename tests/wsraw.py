@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -198,9 +199,14 @@ class RawWS:
 
     @classmethod
     async def connect(cls, port: int, path: str = "/echo", *, extra: list[tuple[str, str]] | None = None,
-                      first: bytes = b"", timeout: float = DEFAULT_TIMEOUT) -> RawWS:
-        """Open TCP, upgrade (``first`` is sent in the same write, right behind the head)."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+                      first: bytes = b"", timeout: float = DEFAULT_TIMEOUT, sock: socket.socket | None = None
+                      ) -> RawWS:
+        """Open TCP (or use ``sock``, already connected), upgrade (``first`` is sent in the same write,
+        right behind the head)."""
+        if sock is not None:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
         request, key = upgrade_request(path, extra=extra)
         writer.write(request + first)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)

@@ -23,8 +23,13 @@ from fastws.errors import ConnectionClosed, PayloadTooBig, ProtocolError
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     object PyObject_CallMethodOneArg(object obj, object name, object arg)
+    object PyObject_CallMethodNoArgs(object obj, object name)
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
     int PyBUF_WRITE
+
+cdef extern from "_sock.h" nogil:
+    long fastws_send(int fd, const void *buf, size_t n)  # non-blocking, no SIGPIPE; -1 on Windows
+    int fastws_would_block()
 
 cdef extern from "pythread.h":
     unsigned long PyThread_get_thread_ident()
@@ -421,6 +426,7 @@ cdef object S_WRITE = "write"
 cdef object S_WRITELINES = "writelines"
 cdef object S_WRITE_NOCHECK = "write_nocheck"  # aiofastnet: writes we promise are bytes
 cdef object S_WRITELINES_NOCHECK = "writelines_nocheck"
+cdef object S_BUFFER_SIZE = "get_write_buffer_size"
 cdef tuple EMPTY_TUPLE = ()
 
 PAUSED_WRITING = 1  # SessionCore._paused bits; the Python session adds its own
@@ -1475,6 +1481,7 @@ cdef class SessionCore(_Wire):
     cdef public object ka_bucket     # keepalive's wheel (fastws.keepalive): a list with its links here
     cdef public object ka_prev
     cdef public object ka_next
+    cdef int _fd                     # the socket, for fan-out writes past the transport (-1: never)
     cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
     cdef public bint _async_messages # messages queue for an async on_message
     cdef unsigned char _queued       # messages go to the inbox (async code takes them)
@@ -1497,9 +1504,13 @@ cdef class SessionCore(_Wire):
         self._is_server = True
 
     def _attach_wire(self, transport, *, Py_ssize_t max_message_size, Py_ssize_t max_frames_per_read,
-                     deflate=None, inflate=None, Py_ssize_t compress_threshold=128, double now=0.0):
-        """Start reading and writing ``transport``: frames go to its write(), corked per read."""
+                     deflate=None, inflate=None, Py_ssize_t compress_threshold=128, double now=0.0,
+                     int direct_fd=-1):
+        """Start reading and writing ``transport``: frames go to its write(), corked per read.
+        ``direct_fd``: the plain TCP socket under it, which fan-out may write to while the
+        transport holds nothing unsent (-1: never)."""
         self._transport = transport
+        self._fd = direct_fd
         self._nocheck = hasattr(transport, "write_nocheck") and hasattr(transport, "writelines_nocheck")
         self._deflate = deflate
         self._inflate = inflate
@@ -1624,6 +1635,26 @@ cdef class SessionCore(_Wire):
         self._send(message)
         return READY
 
+    cdef int _fanout_write(self, bytes frame) except -1:
+        """Fan-out's write of a plain frame: past the transport while it holds nothing, else through it."""
+        global _fanout_direct, _fanout_queued
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame), sent
+        if self._fd < 0 or self._cork_depth or self._out_len or self._chunks is not None \
+                or PyObject_CallMethodNoArgs(self._transport, S_BUFFER_SIZE) != 0:
+            _fanout_queued += 1
+            return self._send_raw(frame)  # something is queued: the transport keeps the order
+        sent = fastws_send(self._fd, PyBytes_AS_STRING(frame), n)
+        if sent == n:
+            _fanout_direct += 1
+            return 0
+        _fanout_queued += 1
+        if sent < 0:
+            if not fastws_would_block():
+                return 0  # the connection is failing: its transport will tell the session
+            sent = 0
+        self._out_write(memoryview(frame)[sent:] if sent else frame)  # the kernel pushed back
+        return 0
+
     def send_frame(self, bytes frame):
         """Write an already-encoded frame (the hub's broadcast); a closing session skips it."""
         if self._state != OPEN_STATE:
@@ -1635,3 +1666,49 @@ cdef class SessionCore(_Wire):
             return self._drain_waiter()
         self._send_raw(frame)
         return READY
+
+
+cdef unsigned long long _fanout_direct = 0  # fan-out writes that went straight into a socket
+cdef unsigned long long _fanout_queued = 0  # ... and those that went through the transport
+
+
+def fanout_counts():
+    """(direct writes, writes through the transport) made by fanout() so far in this process."""
+    return _fanout_direct, _fanout_queued
+
+
+def fanout(list targets, bytes frame, exclude=None):
+    """Deliver an encoded plain ``frame`` to every open member of ``targets`` (the hub's broadcast).
+
+    A server session takes it in C, with no Python call: straight into its
+    socket when its transport holds nothing unsent, through the transport
+    otherwise (the order and backpressure stay the transport's); a paused one
+    through the slow-consumer check.  Members that compress, and members that
+    are not server sessions (the ASGI protocol), are returned for the caller:
+    (delivered, [those members]).
+    """
+    cdef Py_ssize_t delivered = 0
+    cdef list others = None
+    cdef SessionCore core
+    for member in targets:
+        if member is exclude:
+            continue
+        if type(member) is not SessionCore and not isinstance(member, SessionCore):
+            if others is None:
+                others = []
+            others.append(member)
+            continue
+        core = <SessionCore>member
+        if core._state != OPEN_STATE:
+            continue
+        if core.deflate is not None:
+            if others is None:
+                others = []
+            others.append(member)
+            continue
+        if core._paused & PAUSED_WRITING:
+            core.send_frame(frame)  # the slow-consumer policy decides
+        else:
+            core._fanout_write(frame)
+        delivered += 1
+    return delivered, others if others is not None else []

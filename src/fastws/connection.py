@@ -35,6 +35,15 @@ log = logging.getLogger("fastws")
 INBOX_FULL, BACKLOG = 2, 4
 
 
+def _plain_tcp_fd(transport: asyncio.BaseTransport) -> int:
+    """The socket under uvloop's plain TCP transport, which fan-out may write to directly while the
+    transport has nothing queued (-1 for anything else: TLS, other transports)."""
+    if type(transport).__name__ != "TCPTransport" or transport.get_extra_info("sslcontext") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
+
+
 def _unexpected_data(data: bytes) -> None:
     raise RuntimeError("a fastws session reads through get_buffer/buffer_updated; "
                        "this transport called data_received")
@@ -149,7 +158,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
                           deflate=deflate.compress if deflate else None,
                           inflate=deflate.decompress if deflate else None,
                           compress_threshold=deflate.compress_threshold if deflate else 0,
-                          now=self._server.loop.time())
+                          now=self._server.loop.time(), direct_fd=_plain_tcp_fd(transport))
         transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_high_water // 4)
         transport.set_protocol(self)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastws._frame import OP_BINARY, OP_TEXT, encode_frame
+from fastws._frame import OP_BINARY, OP_TEXT, encode_frame, fanout
 
 if TYPE_CHECKING:
     from fastws.connection import Session
@@ -130,28 +130,28 @@ class Hub:
 
     @staticmethod
     def _deliver(targets: Iterable[Session], message: str | bytes, exclude: Session | None = None) -> int:
-        # One frame per kind of session: plain, and each set of compression
-        # settings without context takeover (each message compressed alone, so
-        # the bytes are valid for all of them).  A session whose compressor keeps
-        # context between messages must compress for itself.
+        # The plain frame is encoded once and written by the wire core to every plain session
+        # (fanout: no Python call per recipient).  Sessions that compress without context
+        # takeover share one compressed frame per set of settings (each message is compressed
+        # alone, so those bytes suit all of them); one whose compressor keeps context between
+        # messages compresses for itself.
+        plain = encode_frame(OP_TEXT if isinstance(message, str) else OP_BINARY, message)
+        count, others = fanout(list(targets), plain, exclude)  # a copy: a send may close a session
         frames: dict[Any, bytes] = {}
-        count = 0
-        for session in list(targets):  # a send may close a slow session and mutate the set
-            if session is exclude or session.closed:
+        for session in others:
+            if session.closed:
                 continue
             deflate = session.deflate
             if deflate is None:
-                key: Any = None
+                session.send_frame(plain)
             elif deflate.local_no_context_takeover:
                 key = (deflate.local_max_window_bits, deflate.mem_level, deflate.compress_threshold)
+                frame = frames.get(key)
+                if frame is None:
+                    frame = frames[key] = _frame_for(message, deflate)
+                session.send_frame(frame)
             else:
                 session.send(message)
-                count += 1
-                continue
-            frame = frames.get(key)
-            if frame is None:
-                frame = frames[key] = _frame_for(message, deflate)
-            session.send_frame(frame)
             count += 1
         return count
 
