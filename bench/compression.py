@@ -71,7 +71,7 @@ def quote(rng: random.Random, i: int) -> str:
         "bid": round(price - 0.01, 2), "ask": round(price + 0.01, 2), "last": round(price, 2),
         "bid_size": rng.randrange(1, 5000), "ask_size": rng.randrange(1, 5000), "volume": rng.randrange(10**7),
         "open": round(price * 0.99, 2), "high": round(price * 1.02, 2), "low": round(price * 0.97, 2),
-        "change_percent": round(rng.uniform(-5, 5), 3), "timestamp": "2026-12-01T12:00:00.%06dZ" % (i % 10**6),
+        "change_percent": round(rng.uniform(-5, 5), 3), "timestamp": f"2026-12-01T12:00:00.{i % 10**6:06d}Z",
         "market_state": "REGULAR", "source": "consolidated", "flags": ["realtime", "level1"],
     })
 
@@ -107,9 +107,10 @@ def run_variant(name: str, script: list[str], messages: list[str], warmup: list[
         server.terminate()
         server.wait()
     payload = sum(len(m) for m in messages)
-    return {"server": name, "messages": len(messages), "server_cpu_us_per_message": round(cpu * 1e6 / len(messages), 2),
-            "wire_bytes_per_message": round(out / len(messages), 1), "payload_bytes_per_message": payload / len(messages),
-            "ratio": round(payload / out, 2) if out else None, "msgs_per_s": round(len(messages) / elapsed)}
+    count = len(messages)
+    return {"server": name, "messages": count, "server_cpu_us_per_message": round(cpu * 1e6 / count, 2),
+            "wire_bytes_per_message": round(out / count, 1), "payload_bytes_per_message": payload / count,
+            "ratio": round(payload / out, 2) if out else None, "msgs_per_s": round(count / elapsed)}
 
 
 def main() -> None:

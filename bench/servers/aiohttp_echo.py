@@ -8,7 +8,6 @@ import uvloop
 from _common import MAX_MESSAGE, parse_args, ready
 from aiohttp import WSMsgType, web
 
-
 COMPRESS = False
 
 
