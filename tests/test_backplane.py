@@ -69,24 +69,50 @@ async def recv_until(ws, text: str, timeout: float = 5.0) -> str:
 
 
 async def test_chat_reaches_clients_on_the_other_node(start_server, redis_port):
-    (port_a, port_b), _ = await two_nodes(start_server, redis_port)
+    from wsraw import wait_for
+
+    (port_a, port_b), (bp_a, bp_b) = await two_nodes(start_server, redis_port)
     async with websockets.connect(f"ws://127.0.0.1:{port_a}/chat") as a, \
             websockets.connect(f"ws://127.0.0.1:{port_b}/chat") as b:
         await b.send("hello from node B")
         assert "hello from node B" in await recv_until(a, "hello from node B")
         await a.send("hello from node A")
         assert "hello from node A" in await recv_until(b, "hello from node A")
-        # the sender's own node delivers once, not again when Redis echoes it back
         await a.send("once")
-        await recv_until(a, "once")
-        await asyncio.sleep(0.3)
-        extra = []
-        while True:
-            try:
-                extra.append(await asyncio.wait_for(a.recv(), 0.1))
-            except asyncio.TimeoutError:
-                break
-        assert not any("once" in m for m in extra)
+        assert "once" in await recv_until(a, "once")  # its own node delivers it, once
+        assert "once" in await recv_until(b, "once")
+        # every message a node gets from Redis is one the other node sent it: none comes back to its sender
+        await wait_for(lambda: bp_a.stats["received"] == bp_b.stats["sends"]
+                       and bp_b.stats["received"] == bp_a.stats["sends"])
+        assert bp_a.stats["sends"] >= 2 and bp_b.stats["sends"] >= 2
+
+
+async def test_publications_go_only_where_there_are_members(start_server, redis_port):
+    """A node with nobody in a room gets nothing of it; the other's sends are pipelined."""
+    from wsraw import wait_for
+
+    (port_a, port_b), (bp_a, bp_b) = await two_nodes(start_server, redis_port)
+    async with websockets.connect(f"ws://127.0.0.1:{port_a}/feed") as feed_a, \
+            websockets.connect(f"ws://127.0.0.1:{port_a}/feed") as feed_a2:
+        for i in range(200):
+            await feed_a.send(f"quote {i}")
+        for i in range(200):
+            assert await feed_a2.recv() == f"quote {i}"
+        await wait_for(lambda: bp_a.stats["published"] == 200)
+        assert bp_a.stats["sends"] == 0 and bp_b.stats["received"] == 0  # node B has no /feed member
+        async with websockets.connect(f"ws://127.0.0.1:{port_b}/feed") as feed_b:
+            for _ in range(50):  # B's membership reaches A's view of the room
+                await feed_a.send("ping")
+                try:
+                    if await asyncio.wait_for(feed_b.recv(), 0.2) == "ping":
+                        break
+                except asyncio.TimeoutError:
+                    continue
+            for i in range(500):
+                await feed_a.send(f"burst {i}")
+            got = [await asyncio.wait_for(feed_b.recv(), 5) for _ in range(500)]
+            assert [m for m in got if m.startswith("burst")] == [f"burst {i}" for i in range(500)]
+        assert bp_a.stats["pipelines"] < bp_a.stats["sends"]  # several sends per round trip to Redis
 
 
 async def test_node_keeps_serving_without_redis_and_reconnects(start_server):
@@ -117,15 +143,19 @@ async def test_a_malformed_publication_is_counted_and_delivery_goes_on(start_ser
     """Anything may be published on a Redis channel: garbage must not end cross-node delivery."""
     import redis.asyncio as aioredis
 
+    from fastws.backplane.redis import ROOM, envelope
+
     (port_a, _), (bp_a, _) = await two_nodes(start_server, redis_port)
     async with websockets.connect(f"ws://127.0.0.1:{port_a}/chat") as a:
+        channel = f"fastws:node:{bp_a.node_id}"
         r = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
         try:
-            for junk in (b"no-separator", b"node x-not-a-kind", b"node t\xff\xfe not utf-8", b""):
-                await r.publish("fastws:lobby", junk)
-            await r.publish(b"fastws:\xff", b"other-node tbad channel name")
-            await r.publish("fastws:lobby", b"other-node thello from a well-formed publication")
+            for junk in (b"", b"r", b"r\x00\x05lob", b"x\x00\x05lobbytno such kind", b"r\x00\x05lobbyq?",
+                         b"r\x00\x02\xff\xfetbad name", envelope(ROOM, "lobby", "x")[:-1] + b"\xff"):
+                await r.publish(channel, junk)
+            await r.publish("fastws:membership", b"\xff not an event")
+            await r.publish(channel, envelope(ROOM, "lobby", "hello from a well-formed publication"))
         finally:
             await r.aclose()
         assert "hello from a well-formed publication" in await recv_until(a, "well-formed")
-    assert bp_a.stats["malformed"] == 5
+    assert bp_a.stats["malformed"] == 8

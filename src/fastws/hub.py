@@ -18,9 +18,21 @@ if TYPE_CHECKING:
 
 
 class Backplane(Protocol):
-    """Carries hub publications between nodes (see fastws.backplane.redis)."""
+    """Carries hub publications to the other nodes (see fastws.backplane.redis).
 
-    def publish(self, channel: str, message: str | bytes) -> None: ...
+    The hub tells it which rooms and users have members on this node, so that
+    publications only travel to nodes that have someone to deliver them to.
+    """
+
+    def publish(self, room: str, message: str | bytes) -> None: ...
+
+    def broadcast(self, message: str | bytes) -> None: ...
+
+    def send_to_user(self, user: str, message: str | bytes) -> None: ...
+
+    def local_room(self, room: str, present: bool) -> None: ...
+
+    def local_user(self, user: str, present: bool) -> None: ...
 
 
 def _frame_for(message: str | bytes, deflate: Any = None) -> bytes:
@@ -36,11 +48,10 @@ def _frame_for(message: str | bytes, deflate: Any = None) -> bytes:
 class Hub:
     """Registry and fan-out for the sessions of one server process."""
 
-    ALL = "*"  # the backplane channel for broadcast()
-
     def __init__(self) -> None:
         self.sessions: dict[int, Session] = {}
         self._by_user: dict[Any, set[Session]] = {}
+        self._user_names: dict[str, Any] = {}  # str(user) -> user, for users that are not str
         self._rooms: dict[str, set[Session]] = {}
         self.backplane: Backplane | None = None
 
@@ -53,9 +64,9 @@ class Hub:
         """Forget a closed session everywhere (called by the server)."""
         self.sessions.pop(session.id, None)
         if session.user is not None:
-            self._discard(self._by_user, session.user, session)
+            self._leave_user(session)
         for room in session.rooms or ():
-            self._discard(self._rooms, room, session)
+            self._leave_room(room, session)
         session.rooms = None
 
     def get(self, session_id: int) -> Session | None:
@@ -70,17 +81,27 @@ class Hub:
         if session.closed:
             return False
         if session.user is not None:
-            self._discard(self._by_user, session.user, session)
+            self._leave_user(session)
         session.user = user
         if user is not None:
-            self._by_user.setdefault(user, set()).add(session)
+            sessions = self._by_user.get(user)
+            if sessions is None:
+                sessions = self._by_user[user] = set()
+                if not isinstance(user, str):
+                    self._user_names[str(user)] = user
+                if self.backplane is not None:
+                    self.backplane.local_user(str(user), True)
+            sessions.add(session)
         return True
 
     def user_sessions(self, user: Any) -> list[Session]:
         return list(self._by_user.get(user, ()))
 
     def send_to_user(self, user: Any, message: str | bytes) -> int:
-        """Send to every session of ``user`` on this node; returns how many."""
+        """Send to every session of ``user`` (on every node, given a backplane); returns how many
+        local sessions it was written to."""
+        if self.backplane is not None:
+            self.backplane.send_to_user(str(user), message)
         return self._deliver(self._by_user.get(user, ()), message)
 
     # -- rooms ------------------------------------------------------------------
@@ -89,14 +110,19 @@ class Hub:
         """Add ``session`` to ``room``; False (and nothing kept) if the session is closing or closed."""
         if session.closed:
             return False
-        self._rooms.setdefault(room, set()).add(session)
+        members = self._rooms.get(room)
+        if members is None:
+            members = self._rooms[room] = set()
+            if self.backplane is not None:
+                self.backplane.local_room(room, True)
+        members.add(session)
         if session.rooms is None:
             session.rooms = set()
         session.rooms.add(room)
         return True
 
     def leave(self, session: Session, room: str) -> None:
-        self._discard(self._rooms, room, session)
+        self._leave_room(room, session)
         if session.rooms:
             session.rooms.discard(room)
 
@@ -118,13 +144,47 @@ class Hub:
     def broadcast(self, message: str | bytes, *, exclude: Session | None = None) -> int:
         """Send ``message`` to every open session (on every node, given a backplane)."""
         if self.backplane is not None:
-            self.backplane.publish(self.ALL, message)
+            self.backplane.broadcast(message)
         return self._deliver(self.sessions.values(), message, exclude)
 
-    def deliver_remote(self, channel: str, message: str | bytes) -> int:
-        """A publication from another node: deliver it to the local sessions only."""
-        targets = self.sessions.values() if channel == self.ALL else self._rooms.get(channel, ())
-        return self._deliver(targets, message)
+    # what the backplane brings from other nodes: delivered to the local sessions only
+
+    def deliver_room(self, room: str, message: str | bytes) -> int:
+        return self._deliver(self._rooms.get(room, ()), message)
+
+    def deliver_all(self, message: str | bytes) -> int:
+        return self._deliver(self.sessions.values(), message)
+
+    def deliver_user(self, user: str, message: str | bytes) -> int:
+        """``user`` is str(user) as another node named it (users are told apart by their str())."""
+        return self._deliver(self._by_user.get(self._user_names.get(user, user), ()), message)
+
+    def local_rooms(self) -> list[str]:
+        """Rooms with members on this node (the backplane registers them again after a reconnect)."""
+        return list(self._rooms)
+
+    def local_users(self) -> list[str]:
+        return [str(user) for user in self._by_user]
+
+    def _leave_room(self, room: str, session: Session) -> None:
+        members = self._rooms.get(room)
+        if members is not None:
+            members.discard(session)
+            if not members:
+                del self._rooms[room]
+                if self.backplane is not None:
+                    self.backplane.local_room(room, False)
+
+    def _leave_user(self, session: Session) -> None:
+        user = session.user
+        sessions = self._by_user.get(user)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._by_user[user]
+                self._user_names.pop(str(user), None)
+                if self.backplane is not None:
+                    self.backplane.local_user(str(user), False)
 
     # -- internals --------------------------------------------------------------
 
@@ -154,11 +214,3 @@ class Hub:
                 session.send(message)
             count += 1
         return count
-
-    @staticmethod
-    def _discard(index: dict[Any, set[Session]], key: Any, session: Session) -> None:
-        members = index.get(key)
-        if members is not None:
-            members.discard(session)
-            if not members:
-                del index[key]

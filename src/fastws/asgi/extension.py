@@ -80,7 +80,7 @@ async def start_backplane(url: str | None = None, *, prefix: str | None = None,
         backplane = RedisBackplane(hub(), url, prefix=prefix or os.environ.get(REDIS_PREFIX_ENV, "fastws:"))
         await backplane.start()  # no publication may be queued before this: its node id is set here
         _backplane = backplane
-        log.info("fastws hub: Redis backplane %s (node %s)", url, backplane.node_id.decode())
+        log.info("fastws hub: Redis backplane %s (node %s)", url, backplane.node_id)
     if timeout is not None:
         try:
             await asyncio.wait_for(_backplane.connected.wait(), timeout)
