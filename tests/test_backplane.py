@@ -83,7 +83,7 @@ async def test_chat_reaches_clients_on_the_other_node(start_server, redis_port):
         assert "once" in await recv_until(b, "once")
         # every message a node gets from Redis is one the other node sent it: none comes back to its sender
         await wait_for(lambda: bp_a.stats["received"] == bp_b.stats["sends"]
-                       and bp_b.stats["received"] == bp_a.stats["sends"])
+                       and bp_b.stats["received"] == bp_a.stats["sends"], 10)
         assert bp_a.stats["sends"] >= 2 and bp_b.stats["sends"] >= 2
 
 

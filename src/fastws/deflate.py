@@ -319,18 +319,19 @@ class PerMessageDeflate:
         policy = max(9, options.server_max_window_bits)
         offered_server_bits = offer.server_max_window_bits
         server_bits = policy if offered_server_bits is None else min(policy, offered_server_bits)
-        # The client's compressor: we can only limit it if it offered the parameter.
+        server_nct = offer.server_no_context_takeover or options.server_no_context_takeover
+        # The client offering client_no_context_takeover is a hint; echoing it lets us drop our inflater.
+        client_nct = offer.client_no_context_takeover or options.client_no_context_takeover
+        # The client's compressor: we can only limit it if it offered the parameter.  Its window only
+        # costs us memory between messages, i.e. when it keeps context.
         policy = max(9, options.client_max_window_bits)
         offered_client_bits = offer.client_max_window_bits
         if offered_client_bits is None:
-            if policy < 15:
+            if policy < 15 and not client_nct:
                 return None  # can't bound the client's window: decline rather than break our memory policy
             client_bits = 15
         else:
             client_bits = min(policy, offered_client_bits or 15)
-        server_nct = offer.server_no_context_takeover or options.server_no_context_takeover
-        # The client offering client_no_context_takeover is a hint; echoing it lets us drop our inflater.
-        client_nct = offer.client_no_context_takeover or options.client_no_context_takeover
 
         pmd = cls(
             is_server=True,
