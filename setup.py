@@ -22,8 +22,16 @@ extensions = [
         ["src/fastws/_frame.pyx"],
         extra_compile_args=compile_args,
         define_macros=[("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if trace else [],
-    )
+    ),
+    # The client hot path of `fastws bench` (Linux: epoll).
+    Extension(
+        "fastws.bench._loadgen",
+        ["src/fastws/bench/_loadgen.pyx"],
+        extra_compile_args=compile_args,
+    ),
 ]
+if not sys.platform.startswith("linux"):
+    extensions = extensions[:1]
 
 setup(
     ext_modules=cythonize(
