@@ -56,10 +56,14 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     bad = 0
     if not raw and engine.live:
         # One checked round trip per connection: the server must echo exactly what it got.
+        # A connection the server closes instead of answering counts as not echoed too.
         engine.start_check()
-        await client.wait(lambda: engine.checks_good + engine.checks_bad >= engine.live, p["open_timeout"])
-        bad = engine.live - engine.checks_good
-    ctl.send("ready", opened=engine.live, failures=engine.failures(), bad_echo=bad)
+        await client.wait(
+            lambda: engine.checks_good + engine.checks_bad + engine.opened - engine.live >= engine.opened,
+            p["open_timeout"],
+        )
+        bad = engine.opened - engine.checks_good
+    ctl.send("ready", opened=engine.opened, failures=engine.failures(), bad_echo=bad)
     cmd = await ctl.recv()
     if cmd["type"] != "start" or not engine.live:
         await client.close(2.0)
