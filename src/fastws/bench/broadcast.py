@@ -25,12 +25,12 @@ from typing import Any
 from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
     ServerCPU,
     Workers,
     client_report,
-    cpu_seconds,
     parse_target,
     source_addresses,
     split,
@@ -159,7 +159,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             workers.counters[i] = 0.0
         server_cpu = ServerCPU(args.server_pid)
         server_cpu.start()
-        client_cpu0 = [cpu_seconds([pid], children=False) for pid in workers.pids]
+        client_cpu = [CPUWindow([pid], children=False) for pid in workers.pids]
+        for w in client_cpu:
+            w.start()
         start = time.monotonic()
         workers.send(procs, "start", t_end=start + args.duration)
         expected_total = opened * count
@@ -178,11 +180,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             tick()
         ui.stop()
         server_cpu.stop()
-        window = time.monotonic() - start
-        client_cpu = [
-            round(100 * (cpu_seconds([pid], children=False) - c0) / window, 1)
-            for pid, c0 in zip(workers.pids, client_cpu0, strict=True)
-        ]
+        for w in client_cpu:
+            w.stop()
         workers.send_all("stop")
         results = [r["result"] for r in workers.gather("result", timeout=60 + n / 20000)]
     sub_results, pub_result = results[:procs], results[procs]
@@ -220,7 +219,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "failures": {k: v for r in ready[:procs] for k, v in r["failures"].items()},
         "processes": procs,
     }
-    out.update(client_report(args, client_cpu, server_cpu.percent, native))
+    per_process = [{"cpu_percent": w.percent, "busy_percent": w.busy} for w in client_cpu]
+    out.update(client_report(args, per_process, server_cpu, native))
     return out
 
 

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from fastws.bench.common import (
+    CLIENT_BOUND_WARNING,
     SCHEMA_VERSION,
     BenchError,
     environment,
@@ -315,7 +316,7 @@ def bench_command(args: argparse.Namespace) -> int:
         title += f", {args.connections} conn x {args.inflight} in flight"
     ui.table(title, module.summary(results, params))
     if results.get("client_bound"):
-        ui.warn(results.get("limit") or "the client was above 90 % of its CPU: the figure may be the client's limit")
+        ui.warn(CLIENT_BOUND_WARNING)
     if args.json:
         doc = {
             "tool": "fastws bench",

@@ -54,10 +54,12 @@ __all__ = [
     "mem_available_fraction",
     "client_load",
     "client_report",
+    "CPUWindow",
     "client_cpus",
     "worker_cpu",
     "server_capacity",
     "CLIENT_BOUND_PERCENT",
+    "CLIENT_BOUND_WARNING",
 ]
 
 CLIENT_BOUND_PERCENT = 90.0  # a client busier than this (share of its CPUs) may be what limits a figure
@@ -474,15 +476,24 @@ def find_server_pids(port: int) -> list[int]:
     return sorted(pids)
 
 
-def client_load(per_process: Sequence[float], cpus: int) -> dict[str, Any]:
-    """The client's CPU verdict: per-process percents over the CPUs it had.  The client is "bound" when a
-    process was above CLIENT_BOUND_PERCENT of a core, or the processes together above that share of
-    their CPUs: then the figure may be the client's limit rather than the server's."""
+def client_load(per_process: Sequence[float], cpus: int, busy: Sequence[float] = ()) -> dict[str, Any]:
+    """The client's CPU verdict.  Bound: a client process was running or waiting for a CPU more than
+    CLIENT_BOUND_PERCENT of the time (``busy``), or the processes together ran more than that share of the
+    CPUs they had: then the figure may be the client's limit rather than the server's."""
     procs = len(per_process)
     usable = max(1, min(procs, cpus)) if procs else 1
     share = round(sum(per_process) / usable, 1) if procs else 0.0
-    bound = bool(procs) and (max(per_process) > CLIENT_BOUND_PERCENT or share > CLIENT_BOUND_PERCENT)
-    return {"percent_of_capacity": share, "cpus": cpus, "bound": bound}
+    bound = bool(procs) and (
+        max(per_process) > CLIENT_BOUND_PERCENT
+        or share > CLIENT_BOUND_PERCENT
+        or any(b > CLIENT_BOUND_PERCENT for b in busy)
+    )
+    return {
+        "percent_of_capacity": share,
+        "cpus": cpus,
+        "busy_percent": list(busy),
+        "bound": bound,
+    }
 
 
 def server_capacity(pids: Sequence[int]) -> int:
@@ -507,38 +518,48 @@ def client_cpus(args: Any) -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+CLIENT_BOUND_WARNING = (
+    "the client was running or waiting for a CPU more than 90 % of the measured time: this figure may be "
+    "the client's limit, not the server's; give the client more CPUs (--pin, --procs) or move it elsewhere"
+)
+
+
 def client_report(
-    args: Any, per_process: Sequence[float], server_percent: float | None, native: bool
+    args: Any, per_process: Sequence[dict[str, Any]], server: CPUWindow, native: bool
 ) -> dict[str, Any]:
-    """CPU of both sides over the measured window and which one was the limit (result keys)."""
+    """CPU of both sides over the measured window and which one was the limit (result keys).
+    ``per_process``: each client process's ``cpu_percent`` and ``busy_percent``."""
     cpus = client_cpus(args)
-    load = client_load(per_process, len(cpus))
+    cpu = [r.get("cpu_percent") or 0.0 for r in per_process]
+    busy = [r["busy_percent"] for r in per_process if r.get("busy_percent") is not None]
+    load = client_load(cpu, len(cpus), busy)
     pids = list(getattr(args, "server_pid", None) or [])
+    server_percent = server.percent
     server_bound = False
     if server_percent is not None and pids:
-        server_bound = server_percent >= CLIENT_BOUND_PERCENT * server_capacity(pids)
-    share = load["percent_of_capacity"]
+        ceiling = CLIENT_BOUND_PERCENT * server_capacity(pids)
+        server_bound = server_percent >= ceiling or (server.busy or 0.0) >= ceiling
+    busy_text = f"busy {max(busy):.0f} %" if busy else f"{load['percent_of_capacity']:.0f} % of its CPUs"
+    server_text = f"server {server_percent:.0f} %" if server_percent is not None else "server unknown"
     if load["bound"] and server_bound:
-        limit = f"both sides saturated (client {share:.0f} % of its CPUs, server {server_percent:.0f} %)"
+        limit = f"both saturated: client {busy_text}, {server_text}"
     elif load["bound"]:
-        limit = (
-            f"client-bound: the client used {share:.0f} % of its CPU(s); the figure may be the client's "
-            "limit, not the server's (give the client more CPUs: --pin, --procs)"
-        )
+        limit = f"client-bound: client {busy_text}, {server_text}"
     elif server_bound:
-        limit = f"server-bound: the server used {server_percent:.0f} %, the client {share:.0f} % of its CPUs"
+        limit = f"server-bound: {server_text}, client {busy_text}"
     elif server_percent is not None:
-        limit = "neither side saturated (round trips: more connections or messages in flight would add load)"
+        limit = f"neither saturated: client {busy_text}, {server_text} (bound by round trips)"
     else:
         limit = ""
     transport = getattr(args, "client_transport", "native")
     return {
-        "client_cpu_percent": list(per_process),
+        "client_cpu_percent": cpu,
         "client_cpus": len(cpus),
         "client_cpu_list": getattr(args, "pin", None) or "",
         "client_load": load,
         "client_bound": load["bound"],
         "server_cpu_percent": server_percent,
+        "server_busy_percent": server.busy,
         "server_pids": pids,
         "server_bound": server_bound,
         "limit": limit,
@@ -563,25 +584,56 @@ def wait_until(t: float, tick: Callable[[], None] | None = None, step: float = 0
             tick()
 
 
-class ServerCPU:
-    """CPU use of the server processes (given by PID) over a window: ``start()``, ``stop()`` -> percent."""
+def run_and_wait_ns(pids: Sequence[int], children: bool = True) -> tuple[int, int]:
+    """Nanoseconds the processes' threads spent running and waiting for a CPU (/proc/PID/task/*/schedstat)."""
+    run = wait = 0
+    for pid in _proc_tree(pids) if children else pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    fields = f.read().split()
+                run += int(fields[0])
+                wait += int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return run, wait
 
-    def __init__(self, pids: Sequence[int] | None) -> None:
-        self.pids = list(pids or [])
+
+class CPUWindow:
+    """CPU use of processes over a window (``start()``, ``stop()``): ``percent``, the share of one core they
+    ran, and ``busy``, the share of the time they were running or waiting for a CPU.  A process that is
+    busy ~100 % of the time is saturated even when it shares its CPU (and then runs less than 100 %)."""
+
+    def __init__(self, pids: Sequence[int] | None = None, children: bool = True) -> None:
+        self.pids = list(pids) if pids is not None else [os.getpid()]
+        self.children = children
         self._c0 = self._t0 = 0.0
+        self._r0 = self._w0 = 0
         self.percent: float | None = None
+        self.busy: float | None = None
 
     def start(self) -> None:
         if self.pids:
-            self._c0, self._t0 = cpu_seconds(self.pids), time.monotonic()
+            self._c0, self._t0 = cpu_seconds(self.pids, self.children), time.monotonic()
+            self._r0, self._w0 = run_and_wait_ns(self.pids, self.children)
 
     def stop(self) -> float | None:
         if self.pids and self._t0:
             elapsed = time.monotonic() - self._t0
-            self.percent = (
-                round(100 * (cpu_seconds(self.pids) - self._c0) / elapsed, 1) if elapsed > 0 else None
-            )
+            if elapsed > 0:
+                self.percent = round(100 * (cpu_seconds(self.pids, self.children) - self._c0) / elapsed, 1)
+                run, wait = run_and_wait_ns(self.pids, self.children)
+                self.busy = round(100 * ((run - self._r0) + (wait - self._w0)) / 1e9 / elapsed, 1)
         return self.percent
+
+
+def ServerCPU(pids: Sequence[int] | None) -> CPUWindow:  # noqa: N802 - the name the modes use
+    """CPU of the server processes given by PID (none: nothing is measured)."""
+    return CPUWindow(list(pids or []))
 
 
 def raise_nofile() -> int:

@@ -18,13 +18,13 @@ from typing import Any
 from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
     ServerCPU,
     Workers,
     client_report,
     parse_target,
-    process_cpu,
     source_addresses,
     split,
     wait_until,
@@ -46,20 +46,23 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
         client.detach()
         return {}
     await asyncio.sleep(max(0.0, cmd["t_start"] - time.monotonic()))
-    t0, cpu0 = time.perf_counter(), process_cpu()
+    cpu = CPUWindow()
+    cpu.start()
+    t0 = time.perf_counter()
     limit = p["count"]
     engine.cycle(p["concurrency"], cmd["t_end"], limit, p["max_failures"])
     client.run_window(cmd["t_end"], lambda: ctl.progress(engine.cycles), **({"max_cycles": limit} if limit else {}))
     engine.stop_ramp()  # no new cycle; the ones under way finish
     await client.wait(lambda: engine.live == 0 and engine.in_progress == 0, p["open_timeout"])
     seconds = time.perf_counter() - t0
-    cpu = round(100 * (process_cpu() - cpu0) / seconds, 1) if seconds > 0 else 0.0
+    cpu.stop()
     ctl.progress(engine.cycles)
     client.detach()
     return {
         "done": engine.cycles,
         "seconds": seconds,
-        "cpu_percent": cpu,
+        "cpu_percent": cpu.percent,
+        "busy_percent": cpu.busy,
         "histogram": histogram(engine, "open").to_json(),
         "failures": engine.failures(),
         "unclean_close": engine.closed_unclean,
@@ -122,7 +125,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "failures": failures,
         "unclean_close": sum(r["unclean_close"] for r in results),
     }
-    out.update(client_report(args, [r["cpu_percent"] for r in results], server_cpu.percent, native))
+    out.update(client_report(args, results, server_cpu, native))
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
     ServerCPU,
@@ -24,7 +25,6 @@ from fastws.bench.common import (
     client_report,
     parse_target,
     payload_for,
-    process_cpu,
     wait_until,
 )
 from fastws.bench.native import HOLD, PINGPONG, NativeClient, histogram, open_engine, use_native
@@ -60,10 +60,13 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
         ctl.progress(engine.round_trips)
 
     client.run_window(cmd["t_measure"], progress)
-    t0, cpu0 = time.perf_counter(), process_cpu()
+    cpu = CPUWindow()
+    cpu.start()
+    t0 = time.perf_counter()
     limits = {"max_round_trips": p["count"]} if p["count"] else {}
     client.run_window(cmd["t_end"], progress, **limits)
-    t1, cpu1 = time.perf_counter(), process_cpu()
+    t1 = time.perf_counter()
+    cpu.stop()
     progress()
     engine.set_mode(HOLD)  # the last echoes are not answered
     await client.wait(lambda: engine.received >= engine.sent, 2.0)
@@ -72,7 +75,8 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
         "histogram": histogram(engine, "round_trip").to_json(),
         "seconds": t1 - t0,
         "opened": engine.opened,
-        "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1) if t1 > t0 else 0.0,
+        "cpu_percent": cpu.percent,
+        "busy_percent": cpu.busy,
     }
 
 
@@ -121,7 +125,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "connections_opened": opened,
         "failures": failures,
     }
-    out.update(client_report(args, [r.get("cpu_percent", 0.0) for r in results], server_cpu.percent, native))
+    out.update(client_report(args, results, server_cpu, native))
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     ServerCPU,
     Workers,
@@ -29,7 +30,6 @@ from fastws.bench.common import (
     client_report,
     parse_target,
     payload_for,
-    process_cpu,
     wait_until,
 )
 from fastws.bench.native import ECHO, HOLD, NativeClient, open_engine, use_native
@@ -78,10 +78,13 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     base = engine.received
     engine.send_all(inflight)
     client.run_window(cmd["t_measure"], progress)
-    c0, t0, cpu0 = engine.received, time.perf_counter(), process_cpu()
+    cpu = CPUWindow()
+    cpu.start()
+    c0, t0 = engine.received, time.perf_counter()
     limits = {"max_received": c0 + p["count"]} if p["count"] else {}
     client.run_window(cmd["t_end"], progress, **limits)
-    c1, t1, cpu1 = engine.received, time.perf_counter(), process_cpu()
+    c1, t1 = engine.received, time.perf_counter()
+    cpu.stop()
     progress()
     # Stop refilling; what is still in flight comes back before the closing handshake.
     engine.set_mode(HOLD)
@@ -93,7 +96,8 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
         "seconds": t1 - t0,
         "warmup_messages": c0 - base,
         "dropped": dropped,
-        "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1) if t1 > t0 else 0.0,
+        "cpu_percent": cpu.percent,
+        "busy_percent": cpu.busy,
         "unclosed": engine.close_timeouts,
         "opened": engine.opened,
         "sent_total": engine.sent,
@@ -168,7 +172,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         out["sent_total"] = sum(r["sent_total"] for r in results)
         out["received_total"] = sum(r["received_total"] for r in results)
         out["drained"] = all(r["drained"] for r in results)
-    out.update(client_report(args, [r.get("cpu_percent", 0.0) for r in results], server_cpu.percent, native))
+    out.update(client_report(args, results, server_cpu, native))
     return out
 
 
