@@ -455,10 +455,12 @@ cdef class Engine:
         self.rbuf = <uint8_t *>malloc(read_buffer)
         if self.conns == NULL or self.rbuf == NULL:
             raise MemoryError()
+        memset(self.rbuf, 0, read_buffer)  # resident now: memory measured later is per connection
         for i in range(3):
             self.hists[i].counts = <int64_t *>calloc(LG_HIST_BUCKETS, sizeof(int64_t))
             if self.hists[i].counts == NULL:
                 raise MemoryError()
+            memset(self.hists[i].counts, 0, LG_HIST_BUCKETS * sizeof(int64_t))
         self.n_sources = len(sources)
         if self.n_sources:
             self.sources = <sockaddr_storage *>calloc(self.n_sources, sizeof(sockaddr_storage))
@@ -1332,7 +1334,8 @@ cdef class Engine:
 
     cdef void _round_trip(self, Conn *c) noexcept:
         cdef int64_t now = lg_now_ns()
-        if c.t0 and now >= self.measure_from:
+        if c.t0 and now >= self.measure_from and (
+                self.round_trip_limit == 0 or self.round_trips < self.round_trip_limit):
             hist_record(&self.hists[0], now - c.t0)
             self.round_trips += 1
         if self.refill and c.state == ST_OPEN and (

@@ -56,6 +56,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     await client.wait(lambda: engine.live == 0 and engine.in_progress == 0, p["open_timeout"])
     seconds = time.perf_counter() - t0
     cpu.stop()
+    ctl.send("done")
     ctl.progress(engine.cycles)
     client.detach()
     return {
@@ -102,7 +103,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         server_cpu = ServerCPU(args.server_pid)
         wait_until(start, tick)
         server_cpu.start()
-        wait_until(start + args.duration, tick)
+        workers.gather("done", timeout=args.duration + 60, tick=tick)
         server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=args.duration + 60, tick=tick)]
     ui.stop()

@@ -67,6 +67,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     client.run_window(cmd["t_end"], progress, **limits)
     t1 = time.perf_counter()
     cpu.stop()
+    ctl.send("done")
     progress()
     engine.set_mode(HOLD)  # the last echoes are not answered
     await client.wait(lambda: engine.received >= engine.sent, 2.0)
@@ -106,7 +107,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         server_cpu = ServerCPU(args.server_pid)
         wait_until(start + args.warmup, tick)
         server_cpu.start()
-        wait_until(start + total, tick)
+        workers.gather("done", timeout=total + 60, tick=tick)
         server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=total + 60, tick=tick)]
     ui.stop()

@@ -125,6 +125,7 @@ async def throughput_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     else:
         await _sleep_until(cmd["t_end"])
     c1, t1, cpu1 = count(), time.perf_counter(), process_cpu()
+    ctl.send("done")  # the measured window is over (early with --count)
     stopping = True
     reporter.cancel()
     for c in conns:
@@ -243,6 +244,7 @@ async def latency_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     while time.monotonic() < cmd["t_end"] and any(d.running for d in drivers):
         await asyncio.sleep(min(0.01, max(0.0, cmd["t_end"] - time.monotonic())))
     t1, cpu1 = time.perf_counter(), process_cpu()
+    ctl.send("done")
     for d in drivers:
         d.running = False
     reporter.cancel()
@@ -510,6 +512,7 @@ async def handshake_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     t0, cpu0 = time.perf_counter(), process_cpu()
     await asyncio.gather(*(loop_one() for _ in range(p["concurrency"])))
     seconds = time.perf_counter() - t0
+    ctl.send("done")
     cpu = round(100 * (process_cpu() - cpu0) / seconds, 1) if seconds > 0 else 0.0
     return {
         "done": done,

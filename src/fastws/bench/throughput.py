@@ -85,6 +85,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     client.run_window(cmd["t_end"], progress, **limits)
     c1, t1 = engine.received, time.perf_counter()
     cpu.stop()
+    ctl.send("done")  # the measured window is over (early with --count)
     progress()
     # Stop refilling; what is still in flight comes back before the closing handshake.
     engine.set_mode(HOLD)
@@ -150,7 +151,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         server_cpu = ServerCPU(args.server_pid)
         wait_until(t_measure, tick)
         server_cpu.start()
-        wait_until(t_end, tick)
+        workers.gather("done", timeout=total + 60, tick=tick)
         server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=total + 60, tick=tick)]
     ui.stop()
