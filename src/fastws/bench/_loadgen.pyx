@@ -262,6 +262,7 @@ ctypedef struct Conn:
     int64_t msg_off  # bytes of the current message seen (raw mode: bytes towards the next message)
     int64_t t0  # ns: connect start, then send time of the message in flight
     int64_t deadline  # ns: open or close timeout (0: none)
+    int timed_slot  # 1 + its index in Engine.timed while it has a deadline, else 0
     uint8_t *stash  # allocated only while needed
     uint8_t *out  # bytes the kernel did not take yet
     uint32_t out_len
@@ -340,7 +341,9 @@ cdef class Engine:
     cdef int epfd
     cdef Conn *conns
     cdef int cap  # size of conns: the open-file limit
-    cdef int max_fd  # highest fd used so far (bounds the timeout scan)
+    cdef int max_fd  # highest fd used so far (bounds the scans of send_all, verify, close_all...)
+    cdef int *timed  # fds of the connections with a deadline (connecting, handshaking, closing)
+    cdef int n_timed
     cdef uint8_t *rbuf
     cdef Py_ssize_t rbuf_size
     cdef sockaddr_storage target
@@ -451,9 +454,10 @@ cdef class Engine:
             raise ValueError(f"not an IP address: {host_ip!r}")
         self.cap = max_fds or 1024
         self.conns = <Conn *>calloc(self.cap, sizeof(Conn))
+        self.timed = <int *>calloc(self.cap, sizeof(int))
         self.rbuf_size = read_buffer
         self.rbuf = <uint8_t *>malloc(read_buffer)
-        if self.conns == NULL or self.rbuf == NULL:
+        if self.conns == NULL or self.timed == NULL or self.rbuf == NULL:
             raise MemoryError()
         memset(self.rbuf, 0, read_buffer)  # resident now: memory measured later is per connection
         for i in range(3):
@@ -530,6 +534,7 @@ cdef class Engine:
             close(self.epfd)
         for i in range(3):
             free(self.hists[i].counts)
+        free(self.timed)
         free(self.rbuf)
         free(self.sources)
         free(self.source_lens)
@@ -594,8 +599,9 @@ cdef class Engine:
             now = lg_now_ns()
 
     def tick(self):
-        """Timeouts and paced connection starts: call every few tens of milliseconds."""
-        self._expire(lg_now_ns())
+        """Timeouts and paced connection starts: call every few tens of milliseconds (cheap when idle)."""
+        if self.in_progress or self.closing:
+            self._expire(lg_now_ns())
         self._after_events()
 
     def ramp(self, int64_t target, int64_t concurrency=100, double rate=0.0, double timeout=0.0,
@@ -826,12 +832,16 @@ cdef class Engine:
                 self._expire(now)
 
     cdef void _expire(self, int64_t now) noexcept:
-        cdef int fd
+        """End what passed its deadline: only the connections in ``timed`` (at most the handshakes and
+        closes under way), not every connection, are looked at."""
+        cdef int i
         cdef Conn *c
         self.last_expire = now
-        for fd in range(self.max_fd + 1):
-            c = &self.conns[fd]
-            if c.state == ST_FREE or c.deadline == 0 or now < c.deadline:
+        for i in range(self.n_timed - 1, -1, -1):  # removal moves the last entry here: already seen
+            if i >= self.n_timed:
+                continue
+            c = &self.conns[self.timed[i]]
+            if now < c.deadline:
                 continue
             if c.state < ST_OPEN:
                 self._fail(c, FAIL_TIMEOUT, 0)
@@ -844,6 +854,21 @@ cdef class Engine:
                 self._finish_cycle(c)
                 self._release(c)
         self._ramp_more(now)
+
+    cdef void _set_deadline(self, Conn *c, int64_t deadline) noexcept:
+        cdef int i
+        c.deadline = deadline
+        if deadline and not c.timed_slot:
+            self.timed[self.n_timed] = c.fd
+            self.n_timed += 1
+            c.timed_slot = self.n_timed
+        elif not deadline and c.timed_slot:
+            i = c.timed_slot - 1
+            self.n_timed -= 1
+            if i != self.n_timed:
+                self.timed[i] = self.timed[self.n_timed]
+                self.conns[self.timed[i]].timed_slot = i + 1
+            c.timed_slot = 0
 
     # ------------------------------------------------------------------ connecting
 
@@ -919,7 +944,7 @@ cdef class Engine:
         self.next_serial += 1
         c.serial = self.next_serial
         c.t0 = now
-        c.deadline = now + self.open_timeout if self.open_timeout else 0
+        self._set_deadline(c, now + self.open_timeout if self.open_timeout else 0)
         if fd > self.max_fd:
             self.max_fd = fd
         self.in_progress += 1
@@ -1041,7 +1066,7 @@ cdef class Engine:
         self.ramp_opened += 1
         hist_record(&self.hists[1], now - c.t0)
         c.state = ST_OPEN
-        c.deadline = 0
+        self._set_deadline(c, 0)
         c.msg_off = 0
         if self.ramping and self.mode != CYCLE and self.ramp_opened >= self.ramp_target:
             self.ramping = False
@@ -1080,6 +1105,7 @@ cdef class Engine:
             self.live -= 1
             if c.state == ST_CLOSING:
                 self.closing -= 1
+        self._set_deadline(c, 0)
         close(c.fd)  # also leaves the epoll set
         free(c.stash)
         free(c.out)
@@ -1293,7 +1319,7 @@ cdef class Engine:
             return
         c.state = ST_CLOSING
         self.closing += 1
-        c.deadline = now + self.close_timeout if self.close_timeout else 0
+        self._set_deadline(c, now + self.close_timeout if self.close_timeout else 0)
         if not (c.flags & F_CLOSE_RCVD):
             c.flags |= F_CLOSE_OURS
         body[0] = <uint8_t>(code >> 8)

@@ -224,7 +224,7 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
             type=_positive(float),
             default=0.0,
             metavar="SECONDS",
-            help="give up opening more after this long (default: 120, or 1 s per 2,000 connections)",
+            help="give up opening more after this long (default: 120, or 1 s per 1,000 connections)",
         )
     if mode in ("connections", "handshake"):
         p.add_argument(

@@ -32,8 +32,10 @@ from typing import Any
 from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
+    ServerCPU,
     Workers,
     cpu_seconds,
     mem_available_fraction,
@@ -89,8 +91,10 @@ def auto_processes(n: int) -> int:
 
 
 def auto_sources(n: int) -> int:
-    """Source addresses so that no address uses more than ~70 % of its ephemeral ports."""
-    return max(4, math.ceil(n / (0.7 * ports_per_address())))
+    """Source addresses enough for ~10,000 connections each.  connect() picks from the even half of the
+    ephemeral range first (odd ports are left to bind()), and past ~14,000 connections to one server
+    port from one address each connect() searches the rest of the range: the ramp slows to a crawl."""
+    return max(4, math.ceil(n / (0.35 * ports_per_address())))
 
 
 async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
@@ -195,7 +199,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         )
     k = args.source_addresses or auto_sources(n)
     sources = source_addresses(k) if target.loopback else []
-    ramp_timeout = args.ramp_timeout or max(120.0, n / 2000)
+    ramp_timeout = args.ramp_timeout or max(120.0, n / 1000)
     pids = args.server_pid or []
     params = [
         dict(
@@ -223,6 +227,10 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         if pids:
             time.sleep(0.2)
             server["rss_before"] = rss_bytes(pids)
+        ramp_cpu = CPUWindow(workers.pids, children=False)
+        ramp_server = ServerCPU(pids)
+        ramp_cpu.start()
+        ramp_server.start()
         ramp_start = time.monotonic()
         workers.send_all("ramp")
         ui.start("ramping", n)
@@ -237,7 +245,12 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
                 workers.send_all("stop_ramp")
 
         ramped = workers.gather("ramped", timeout=ramp_timeout + args.open_timeout + 60, tick=tick)
+        ramp_cpu.stop()
+        ramp_server.stop()
         ui.stop()
+        client["cpu_percent_during_ramp"] = ramp_cpu.percent
+        client["busy_percent_during_ramp"] = ramp_cpu.busy
+        server["cpu_percent_during_ramp"] = ramp_server.percent
         opened = sum(r["opened"] for r in ramped)
         ramp_seconds = max(r["seconds"] for r in ramped)
         if native:
@@ -330,10 +343,19 @@ def _verify(workers: Workers, args: Any, opened: int, ui: UI) -> dict[str, Any]:
     return {"checked": True, "sent": sent, "answered": answered, "silent": sent - answered}
 
 
+def _ramp_cpu(res: dict[str, Any]) -> str:
+    """Client and server CPU while ramping (percent of one core, all processes together)."""
+    cli = (res.get("client") or {}).get("cpu_percent_during_ramp")
+    srv = (res.get("server") or {}).get("cpu_percent_during_ramp")
+    text = f"client {cli:.0f} %" if cli is not None else "client ?"
+    return text + (f", server {srv:.0f} %" if srv is not None else "")
+
+
 def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:
     rows = [
         ("open connections", f"{num(res['opened'])} of {num(res['target'])}"),
         ("handshakes/s (ramp)", f"{num(res['handshakes_per_s'])} /s"),
+        ("CPU during the ramp", _ramp_cpu(res)),
         ("ramp time", f"{res['ramp_seconds']:.2f} s"),
         ("open p50 / p99", f"{res['open_latency_us']['p50']:,.0f} / {res['open_latency_us']['p99']:,.0f} µs"),
         ("client processes", f"{res['processes']} over {res['source_addresses']} source addresses"),
