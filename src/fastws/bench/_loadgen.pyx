@@ -172,7 +172,7 @@ cdef extern from *:
         epoll_data_t data
     int LG_HIST_BUCKETS
     int EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CLOEXEC
-    int AF_INET, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_ERROR, MSG_NOSIGNAL
+    int AF_INET, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_ERROR, MSG_NOSIGNAL, MSG_TRUNC
     int IPPROTO_TCP, IPPROTO_IP, TCP_NODELAY, IP_BIND_ADDRESS_NO_PORT
     int EAGAIN, EWOULDBLOCK, EINPROGRESS, EINTR, EMFILE
     int errno
@@ -230,6 +230,9 @@ cdef enum:
     STASH_SIZE = 256  # [0, PREFIX): message prefix; [PREFIX, 256): a control frame split over reads
     RESPONSE_MAX = 16384  # a handshake response longer than this is refused
     EVENTS = 256
+    DISCARD_MIN = 8192  # payload bytes worth dropping in the kernel (recv MSG_TRUNC: not copied to us)
+    BIG_MESSAGE = 16384  # from this size on, read headers in small reads and drop the payloads
+    HEADER_READ = 4096
 
 cdef enum:
     FAIL_ERRNO = 1
@@ -365,6 +368,7 @@ cdef class Engine:
     cdef int64_t block_frames
     cdef uint8_t *payload
     cdef Py_ssize_t payload_len
+    cdef bint big_messages  # payload_len >= BIG_MESSAGE: small reads for headers, payloads dropped
     cdef uint8_t *probe
     cdef Py_ssize_t probe_len
     cdef readonly int mode
@@ -391,6 +395,7 @@ cdef class Engine:
     cdef int64_t ramp_deadline
     cdef int64_t cycle_deadline
     cdef int64_t max_failures
+    cdef int64_t ramp_failed0  # failures before this ramp
     cdef int64_t open_timeout
     cdef int64_t close_timeout
     cdef int stop_reason
@@ -515,6 +520,7 @@ cdef class Engine:
             for i in range(self.block_frames):
                 memcpy(self.block + i * self.frame_len, <char *>frame, self.frame_len)
         self.payload_len = len(payload)
+        self.big_messages = self.payload_len >= BIG_MESSAGE
         if self.payload_len:
             self.payload = <uint8_t *>malloc(self.payload_len)
             if self.payload == NULL:
@@ -618,6 +624,7 @@ cdef class Engine:
         self.attempts = 0
         self.ramp_deadline = now + <int64_t>(timeout * 1e9) if timeout > 0 else 0
         self.max_failures = max_failures
+        self.ramp_failed0 = self.failed
         self.stop_reason = STOP_NONE if target > 0 else STOP_TARGET
         self._ramp_more(now)
 
@@ -1088,7 +1095,7 @@ cdef class Engine:
             self.first_fail_code = code
             self.first_fail_t = now
             self.first_fail_opened = self.opened
-        if self.ramping and self.max_failures and self.failed >= self.max_failures:
+        if self.ramping and self.max_failures and self.failed - self.ramp_failed0 >= self.max_failures:
             self.ramping = False
             self.stop_reason = STOP_FAILURES
 
@@ -1114,10 +1121,26 @@ cdef class Engine:
     # ------------------------------------------------------------------ reading
 
     cdef void _on_readable(self, Conn *c) noexcept:
-        cdef Py_ssize_t r
+        """Read what the socket has.  Bytes nobody looks at (raw TCP; the payload of a big message once its
+        header is parsed) are dropped by the kernel (MSG_TRUNC): the client's only per-byte work is gone."""
+        cdef Py_ssize_t r, want
         cdef int attempt
-        for attempt in range(4):
-            r = recv(c.fd, self.rbuf, self.rbuf_size, 0)
+        cdef bint drop
+        for attempt in range(8):
+            drop = False
+            want = self.rbuf_size
+            if c.state >= ST_OPEN:
+                if self.raw:
+                    drop = True
+                elif c.flags & F_IN_PAYLOAD and c.remaining >= DISCARD_MIN and self._payload_unneeded(c):
+                    drop = True
+                    want = <Py_ssize_t>min(c.remaining, 1 << 30)
+                elif self.big_messages:
+                    want = HEADER_READ
+            if drop:
+                r = recv(c.fd, NULL, want, MSG_TRUNC)
+            else:
+                r = recv(c.fd, self.rbuf, want, 0)
             if r > 0:
                 self.reads += 1
                 self.bytes_received += r
@@ -1125,9 +1148,14 @@ cdef class Engine:
                     self._handshake_data(c, self.rbuf, r)
                 elif self.raw:
                     self._raw_data(c, r)
+                elif drop:
+                    c.remaining -= r
+                    c.msg_off += r
+                    if c.remaining == 0:
+                        self._frames(c, NULL, 0)  # completes the frame: counts, answers
                 else:
                     self._frames(c, self.rbuf, r)
-                if c.state == ST_FREE or r < self.rbuf_size:
+                if c.state == ST_FREE or r < want:
                     return
             elif r == 0:
                 self._lost(c, 0)
@@ -1137,6 +1165,11 @@ cdef class Engine:
                     return
                 self._lost(c, errno)
                 return
+
+    cdef inline bint _payload_unneeded(self, Conn *c) noexcept:
+        """Nothing reads the rest of this frame's payload: not a control frame, not a message being compared,
+        not the prefix of a broadcast message."""
+        return c.opcode < 8 and not (c.flags & F_CHECK) and not (self.mode == SUBSCRIBE and c.msg_off < PREFIX)
 
     cdef void _lost(self, Conn *c, int err) noexcept:
         """EOF or a socket error."""
@@ -1225,7 +1258,7 @@ cdef class Engine:
                     memcpy(c.stash + PREFIX + c.ctl_have, p, take)
                     c.ctl_have += take
             else:
-                if c.flags & F_CHECK:
+                if c.flags & F_CHECK and take:
                     if (c.msg_off + take > self.payload_len
                             or memcmp(p, self.payload + c.msg_off, take) != 0):
                         c.flags |= F_CHECK_BAD

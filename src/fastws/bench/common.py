@@ -51,6 +51,7 @@ __all__ = [
     "parse_cpus",
     "find_server_pids",
     "own_rss",
+    "pss_bytes",
     "mem_available_fraction",
     "client_load",
     "client_report",
@@ -342,6 +343,21 @@ def rss_bytes(pids: Sequence[int], children: bool = True) -> int:
                         total += int(line.split()[1]) * 1024
                         break
         except OSError:
+            continue
+    return total
+
+
+def pss_bytes(pids: Sequence[int]) -> int:
+    """Proportional set size of the processes (pages shared by n of them count 1/n), /proc/PID/smaps_rollup."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
             continue
     return total
 

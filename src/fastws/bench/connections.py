@@ -41,6 +41,7 @@ from fastws.bench.common import (
     mem_available_fraction,
     own_rss,
     parse_target,
+    pss_bytes,
     rss_bytes,
     source_addresses,
     split,
@@ -105,6 +106,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
         sources=p["sources"],
         source_offset=p["index"] * 7919,
         open_timeout=p["open_timeout"],
+        close_timeout=p["close_timeout"],
     )
     client = NativeClient(engine)
     rss_ready = own_rss()
@@ -167,7 +169,7 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
             ctl.send("verified", sent=engine.verify_sent - sent0, answered=engine.verified - answered0)
         else:  # "close"
             break
-    await client.close(10.0)
+    await client.close(p["close_timeout"] + 5)
     result["unclosed"] = engine.close_timeouts
     return result
 
@@ -200,6 +202,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     k = args.source_addresses or auto_sources(n)
     sources = source_addresses(k) if target.loopback else []
     ramp_timeout = args.ramp_timeout or max(120.0, n / 1000)
+    # A server closes (or echoes) a million connections at some tens of thousands a second: wait for it.
+    close_timeout = 5.0 + n / 20000
     pids = args.server_pid or []
     params = [
         dict(
@@ -212,6 +216,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             max_failures=args.max_failures,
             sources=sources,
             open_timeout=args.open_timeout,
+            close_timeout=close_timeout,
             index=i,
             cpu=worker_cpu(args, i),
         )
@@ -256,6 +261,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         if native:
             client["rss_before"] = sum(r.get("rss", 0) for r in ready)
             client["rss_after_ramp"] = sum(r["rss_after"] for r in ramped)
+            client["pss_after_ramp"] = pss_bytes(workers.pids)  # shared pages counted once
             if opened:
                 client["bytes_per_connection"] = round(
                     sum(r["rss_after"] - r["rss_before"] for r in ramped) / opened, 1
@@ -286,7 +292,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             if args.verify and opened:
                 verify = _verify(workers, args, opened, ui)
         workers.send_all("close")
-        results = [r["result"] for r in workers.gather("result", timeout=60 + n / 20000)]
+        results = [r["result"] for r in workers.gather("result", timeout=close_timeout + 60)]
     failures: dict[str, int] = {}
     hist = Histogram()
     for r in ramped:
@@ -295,6 +301,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             failures[cause] = failures.get(cause, 0) + count
     firsts = [r["first_failure"] for r in ramped if r["first_failure"]]
     first = min(firsts, key=lambda f: f["t"]) if firsts else None
+    ramp = _merge_timelines([r["timeline"] for r in ramped])
+    if first is not None:  # a worker counts its own connections; the report wants them all
+        first = dict(first, open=int(max((c for t, c in ramp if t <= first["t"]), default=0)))
     if stopped_for_memory and (first is None or opened < n):
         first = {"cause": "memory", "open": opened, "t": round(ramp_seconds, 3)}
     if pids and opened:
@@ -312,7 +321,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "ramp_seconds": round(ramp_seconds, 4),
         "handshakes_per_s": round(opened / ramp_seconds, 1) if ramp_seconds else 0.0,
         "open_latency_us": hist.summary_us(),
-        "ramp": _merge_timelines([r["timeline"] for r in ramped]),
+        "ramp": ramp,
+        "ramp_rates": _ramp_rates(ramp),
         "hold_seconds": args.duration,
         "dropped_during_hold": sum(r["dropped"] for r in results),
         "pings_received": sum(r["pings_received"] for r in results),
@@ -328,7 +338,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
 
 def _verify(workers: Workers, args: Any, opened: int, ui: UI) -> dict[str, Any]:
     """Every held connection sends one small message; count the echoes (after a one-connection probe)."""
-    timeout = args.open_timeout + opened / 50000
+    timeout = args.open_timeout + opened / 5000
     workers.send(0, "probe", timeout=timeout)
     probe = workers.gather("probed", timeout=timeout + 30, which=[0])[0]
     if not probe["echo"]:
@@ -341,6 +351,28 @@ def _verify(workers: Workers, args: Any, opened: int, ui: UI) -> dict[str, Any]:
     sent = sum(g["sent"] for g in got)
     answered = sum(g["answered"] for g in got)
     return {"checked": True, "sent": sent, "answered": answered, "silent": sent - answered}
+
+
+def _ramp_rates(ramp: list[list[float]]) -> dict[str, float]:
+    """Handshakes/s over the first and the last tenth of the connections opened (a ramp can slow down)."""
+    if len(ramp) < 3 or not ramp[-1][1]:
+        return {}
+    total = ramp[-1][1]
+
+    def time_at(count: float) -> float:
+        return next(t for t, c in ramp if c >= count)
+
+    t10, t90, t_end = time_at(0.1 * total), time_at(0.9 * total), time_at(total)
+    return {
+        "first_10_percent": round(0.1 * total / t10, 1) if t10 > 0 else 0.0,
+        "last_10_percent": round(0.1 * total / (t_end - t90), 1) if t_end > t90 else 0.0,
+    }
+
+
+def _ramp_rate_text(rates: dict[str, float]) -> str:
+    if not rates:
+        return "—"
+    return f"{num(rates['first_10_percent'])} / {num(rates['last_10_percent'])} /s"
 
 
 def _ramp_cpu(res: dict[str, Any]) -> str:
@@ -357,6 +389,7 @@ def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]
         ("handshakes/s (ramp)", f"{num(res['handshakes_per_s'])} /s"),
         ("CPU during the ramp", _ramp_cpu(res)),
         ("ramp time", f"{res['ramp_seconds']:.2f} s"),
+        ("handshakes/s, first / last 10 %", _ramp_rate_text(res.get("ramp_rates") or {})),
         ("open p50 / p99", f"{res['open_latency_us']['p50']:,.0f} / {res['open_latency_us']['p99']:,.0f} µs"),
         ("client processes", f"{res['processes']} over {res['source_addresses']} source addresses"),
         ("held for", f"{res['hold_seconds']:g} s"),
@@ -383,7 +416,8 @@ def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]
     cli = res.get("client") or {}
     if "bytes_per_connection" in cli:
         rows += [
-            ("client RSS after ramp", f"{cli['rss_after_ramp'] / 2**20:,.1f} MiB"),
+            ("client RSS after ramp", f"{cli['rss_after_ramp'] / 2**20:,.1f} MiB"
+             + (f" (PSS {cli['pss_after_ramp'] / 2**20:,.1f} MiB)" if cli.get("pss_after_ramp") else "")),
             ("client bytes per connection", f"{num(cli['bytes_per_connection'])} B"),
         ]
     if "cpu_percent_during_hold" in cli:
