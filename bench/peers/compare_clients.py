@@ -8,19 +8,23 @@
 One server (`fastws serve`, the demo app: /echo echoes) per placement:
 ``pinned`` puts it on CPU 0 and both clients on CPU 1 (taskset); ``unpinned``
 lets the scheduler place everything, as a new user would.  Each workload runs
-the two clients alternately (``--repeat`` times each, the order swapped every
-round, each run under the shared CPU lock /tmp/fastws-cpu.lock) and reports
-the median msgs/s of each, their ratio (fastws bench / reference: the issue
-wants >= 0.9) and the CPU of both clients and of the server.  The reference is
-bench/peers/picows_bench.py: picows on aiofastnet with a Cython listener.
+the two clients alternately, ``--repeat`` times each with the order swapped
+every round, while holding the shared CPU lock /tmp/fastws-cpu.lock (about a
+minute per workload: both clients are measured under the same conditions),
+and reports the median msgs/s of each, their ratio (fastws bench / reference:
+the issue wants >= 0.9) and the CPU of both clients and of the server.  The
+reference is bench/peers/picows_bench.py: picows on aiofastnet with a Cython
+listener.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -84,8 +88,21 @@ def client_commands(url: str, shape: tuple[int, int, int], args: argparse.Namesp
     return {"fastws": fastws, "reference": ref}
 
 
-def run_locked(cmd: list[str], timeout: float) -> None:
-    proc = subprocess.run(["flock", LOCK, *cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+class CpuLock:
+    """The shared CPU lock, held while one workload is measured (both clients, every repeat, back to back)."""
+
+    def __enter__(self) -> CpuLock:
+        self.file = open(LOCK, "a")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def run(cmd: list[str], timeout: float) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(cmd)} failed: {(proc.stderr or proc.stdout)[-800:]}")
 
@@ -101,12 +118,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             for key in args.workloads.split(","):
                 shape = WORKLOADS[key]
                 runs: dict[str, list[dict[str, Any]]] = {"fastws": [], "reference": []}
-                with tempfile.TemporaryDirectory() as tmp:
+                with tempfile.TemporaryDirectory() as tmp, CpuLock():
                     cmds = client_commands(url, shape, args, client_cpu, server.pid, Path(tmp))
                     for rep in range(args.repeat):
                         order = ["fastws", "reference"] if rep % 2 == 0 else ["reference", "fastws"]
                         for who in order:
-                            run_locked(cmds[who], timeout=args.duration * 3 + 60)
+                            run(cmds[who], timeout=args.duration * 3 + 60)
                             data = json.loads((Path(tmp) / ("fastws.json" if who == "fastws" else "ref.json"))
                                               .read_text())
                             res = data.get("results", data)
@@ -115,6 +132,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 "client_cpu": sum(res["client_cpu_percent"])
                                 if isinstance(res["client_cpu_percent"], list) else res["client_cpu_percent"],
                                 "server_cpu": res["server_cpu_percent"],
+                                "limit": res.get("limit", ""),  # fastws bench's own verdict
                             })
                 row = {"placement": placement, "workload": key, "shape": shape,
                        "commands": {k: shlex.join(v[:-2]) for k, v in cmds.items()}}
@@ -134,12 +152,12 @@ def line(row: dict[str, Any]) -> str:
     f, r = row["fastws"], row["reference"]
     return (f"| {row['placement']} | {row['workload']} | {f['msgs_per_s']:,.0f} | {r['msgs_per_s']:,.0f} "
             f"| {row['ratio']:.2f}x | {f['client_cpu']:.0f} / {f['server_cpu']:.0f} % "
-            f"| {r['client_cpu']:.0f} / {r['server_cpu']:.0f} % |")
+            f"| {r['client_cpu']:.0f} / {r['server_cpu']:.0f} % | {f['limit'].split(':')[0]} |")
 
 
 HEADER = ("| placement | workload (conns x in flight, size) | fastws bench msgs/s | picows reference msgs/s "
-          "| ratio | fastws bench: client / server CPU | reference: client / server CPU |\n"
-          "|---|---|---|---|---|---|---|")
+          "| ratio | fastws bench: client / server CPU | reference: client / server CPU | fastws bench says |\n"
+          "|---|---|---|---|---|---|---|---|")
 
 
 def main() -> int:
@@ -164,4 +182,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     raise SystemExit(main())

@@ -194,7 +194,8 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
         action="append",
         metavar="PID",
         help="server process to watch (repeatable; its children count too): CPU use"
-        + (", memory per connection" if mode == "connections" else ""),
+        + (", memory per connection" if mode == "connections" else "")
+        + " (default: the process listening on the URL's port, when that is on this machine)",
     )
     if mode in ("connections", "broadcast"):
         p.add_argument(
