@@ -220,7 +220,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "processes": procs,
     }
     per_process = [{"cpu_percent": w.percent, "busy_percent": w.busy} for w in client_cpu]
-    out.update(client_report(args, per_process, server_cpu, native))
+    pace = f"paced by --rate {args.rate:g}" if args.rate else "the publisher waits for the server to read"
+    out.update(client_report(args, per_process, server_cpu, native, unsaturated=pace))
     return out
 
 

@@ -541,10 +541,15 @@ CLIENT_BOUND_WARNING = (
 
 
 def client_report(
-    args: Any, per_process: Sequence[dict[str, Any]], server: CPUWindow, native: bool
+    args: Any,
+    per_process: Sequence[dict[str, Any]],
+    server: CPUWindow,
+    native: bool,
+    unsaturated: str = "bound by round trips",
 ) -> dict[str, Any]:
     """CPU of both sides over the measured window and which one was the limit (result keys).
-    ``per_process``: each client process's ``cpu_percent`` and ``busy_percent``."""
+    ``per_process``: each client process's ``cpu_percent`` and ``busy_percent``; ``unsaturated``: what
+    bounds the figure when neither side is saturated."""
     cpus = client_cpus(args)
     cpu = [r.get("cpu_percent") or 0.0 for r in per_process]
     busy = [r["busy_percent"] for r in per_process if r.get("busy_percent") is not None]
@@ -564,7 +569,7 @@ def client_report(
     elif server_bound:
         limit = f"server-bound: {server_text}, client {busy_text}"
     elif server_percent is not None:
-        limit = f"neither saturated: client {busy_text}, {server_text} (bound by round trips)"
+        limit = f"neither saturated: client {busy_text}, {server_text}" + (f" ({unsaturated})" if unsaturated else "")
     else:
         limit = ""
     transport = getattr(args, "client_transport", "native")

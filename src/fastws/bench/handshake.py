@@ -126,7 +126,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "failures": failures,
         "unclean_close": sum(r["unclean_close"] for r in results),
     }
-    out.update(client_report(args, results, server_cpu, native))
+    out.update(client_report(args, results, server_cpu, native, unsaturated="bound by --connections loops"))
     return out
 
 
