@@ -254,7 +254,6 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         ramp_server.stop()
         ui.stop()
         client["cpu_percent_during_ramp"] = ramp_cpu.percent
-        client["busy_percent_during_ramp"] = ramp_cpu.busy
         server["cpu_percent_during_ramp"] = ramp_server.percent
         opened = sum(r["opened"] for r in ramped)
         ramp_seconds = max(r["seconds"] for r in ramped)
@@ -396,6 +395,8 @@ def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]
         ("dropped while held", num(res["dropped_during_hold"])),
         ("server pings answered", num(res["pings_received"])),
     ]
+    if res.get("unclosed"):
+        rows.append(("closes not finished in time", num(res["unclosed"])))
     ver = res.get("verify") or {}
     if ver.get("checked"):
         rows.append(("still echoing at the end", f"{num(ver['answered'])} of {num(ver['sent'])}"))
