@@ -420,3 +420,13 @@ def test_engine_sha1_and_frames_agree_with_the_wire_core():
     for n in sizes:
         reader.feed(_loadgen.build_frame(0x2, os.urandom(4)[:1] * n, os.urandom(4)))
     assert [len(m) for m in got] == list(sizes)
+
+
+def test_compare_marks_client_bound_rows():
+    import runpy
+
+    limit_cell = runpy.run_path(str(REPO / "bench" / "compare.py"))["limit_cell"]
+    assert limit_cell({"client_bound": True, "limit": "client-bound: client busy 97 %"}) == "**client-bound**"
+    assert limit_cell({"client_bound": False, "limit": "server-bound: server 99 %"}) == "server"
+    assert limit_cell({"client_bound": True, "limit": "both saturated: client busy 95 %"}) == "both"
+    assert limit_cell({}) == "—"
