@@ -25,6 +25,10 @@ extensions = [
 if os.environ.get("FASTWS_NO_ZLIB") != "1" and sys.platform != "win32":
     extensions.append(Extension("fastws._zlib", ["src/fastws/_zlib.pyx"], libraries=["z"],
                                 extra_compile_args=compile_args, define_macros=macros))
+# The client hot path of `fastws bench` (Linux: epoll).
+if sys.platform.startswith("linux"):
+    extensions.append(Extension("fastws.bench._loadgen", ["src/fastws/bench/_loadgen.pyx"],
+                                extra_compile_args=compile_args))
 
 setup(
     ext_modules=cythonize(

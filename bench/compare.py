@@ -305,20 +305,13 @@ class RunningServer:
 # Running the workloads
 
 
-def cpu_count(cpus: str) -> int:
-    """How many CPUs a taskset list names: '1' -> 1, '1-3' -> 3, '1,3' -> 2."""
-    n = 0
-    for part in cpus.split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi) - int(lo) + 1 if hi else 1
-    return max(1, n)
-
-
 def bench_command(
     w: Workload, spec: ServerSpec, port: int, preset: dict[str, Any], out: Path, cpu: str, pid: int
 ) -> list[str]:
     url = f"tcp://127.0.0.1:{port}" if spec.raw else f"ws://127.0.0.1:{port}/echo"
-    cmd = ["taskset", "-c", cpu, PY, "-m", "fastws", "bench", w.mode, url]
+    # --pin: every client process on one of the client CPUs (and, by default, one process per client CPU
+    # where the work splits: many connections, handshakes).
+    cmd = ["taskset", "-c", cpu, PY, "-m", "fastws", "bench", w.mode, url, "--pin", cpu]
     cmd += ["--quiet", "--json", str(out), "--label", spec.name, "--server-pid", str(pid)]
     cmd += ["--client-transport", preset["client_transport"]]
     if spec.raw:
@@ -332,10 +325,6 @@ def bench_command(
         cmd += ["--duration", str(preset["duration"]), "--warmup", str(preset["warmup"])]
         if w.mode == "throughput":
             cmd += ["--inflight", str(w.inflight)]
-    # One client process per client CPU where the work splits (many connections, handshakes).
-    procs = cpu_count(cpu)
-    if procs > 1 and (w.mode == "handshake" or w.mode == "throughput" and w.connections >= procs):
-        cmd += ["--processes", str(procs)]
     return cmd + w.extra
 
 
@@ -445,6 +434,9 @@ def aggregate(runs: list[dict[str, Any]], w: Workload) -> dict[str, Any]:
     median_run = ranked[len(ranked) // 2]
     out["server_cpu_percent"] = median_run.get("server_cpu_percent")
     out["client_cpu_percent"] = median_run.get("client_cpu_percent")
+    # Which side limited the median run (fastws bench: "client-bound: ...", "server-bound: ...").
+    out["client_bound"] = median_run.get("client_bound")
+    out["limit"] = median_run.get("limit")
     if w.mode == "connections":
         out["opened"] = median_run.get("opened")
         out["failures"] = median_run.get("failures")
@@ -519,17 +511,23 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
         + ")",
         f"- Kernel {mach['kernel']}, Python {mach['python']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in mach["packages"].items() if v),
-        f"- Each server alone on CPU {summary['server_cpu']} (`taskset`), the client "
-        "(`fastws bench`: the fastws wire core on the uvloop loop with "
-        f"{summary['params']['client_transport']} transports) on CPU {summary['client_cpu']}; loopback.",
+        f"- Each server alone on CPU {summary['server_cpu']} (`taskset`), the client on CPU "
+        f"{summary['client_cpu']} (`fastws bench --pin`): "
+        + (
+            "its Cython engine (own epoll sockets, pre-masked frames, one send() per read; bench/README.md)"
+            if summary["params"]["client_transport"] == "native"
+            else f"fastws.client on {summary['params']['client_transport']} transports"
+        )
+        + "; loopback.",
         f"- Windows: {summary['params']['warmup']} s warm-up + {summary['params']['duration']} s measured; "
         f"idle connections: {summary['params']['idle']:,} held {summary['params']['hold']} s.",
         "- Every server echoes on /echo; `raw-tcp` is a uvloop TCP echo without WebSocket framing, driven "
         "by `fastws bench --raw` with the same byte streams (every S bytes back = one message): the "
         "physical limit.",
         "- `x picows` and `x raw` are ratios to those rows in the same run. CPU columns: share of one core "
-        "used by the server / the client during the window; a client near 100 % with a server below that "
-        "means the figure is the client's limit, not the server's.",
+        "used by the server / the client during the window. `limit`: the side that was saturated (running "
+        "or waiting for a CPU more than 90 % of the window); a **client-bound** row measures the client's "
+        "limit, not the server's, and says so.",
         "",
     ]
     if summary["skipped"]:
@@ -548,7 +546,7 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
                 if w.mode != "handshake"
                 else [title, f"{title} x picows"]
             )
-        head += ["server CPU", "client CPU"]
+        head += ["server CPU", "client CPU", "limit"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for n in names:
@@ -568,6 +566,7 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
             cpu_c = r.get("client_cpu_percent") or []
             row.append(f"{cpu_s:.0f} %" if isinstance(cpu_s, (int, float)) else "—")
             row.append(" + ".join(f"{c:.0f}" for c in cpu_c) + " %" if cpu_c else "—")
+            row.append(limit_cell(r))
             lines.append("| " + " | ".join(row) + " |")
         if w.mode == "handshake":
             unclean = {n: servers[n][w.key].get("unclean_close") for n in names if w.key in servers[n]}
@@ -609,6 +608,15 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+
+
+def limit_cell(r: dict[str, Any]) -> str:
+    """The limit column: which side was saturated; client-bound rows say so in bold."""
+    limit = r.get("limit") or ""
+    kind = limit.split(":", 1)[0]
+    if r.get("client_bound") and kind != "both saturated":
+        return "**client-bound**"
+    return {"server-bound": "server", "both saturated": "both", "neither saturated": "neither"}.get(kind, "—")
 
 
 def targets(summary: dict[str, Any]) -> list[str]:
@@ -695,9 +703,10 @@ def main() -> int:
     p.add_argument("--client-cpu", default="1", help="CPU list for the client (taskset -c), default 1")
     p.add_argument(
         "--client-transport",
-        choices=("uvloop", "aiofastnet"),
-        default="uvloop",
-        help="the bench client's socket transports (default uvloop)",
+        choices=("native", "uvloop", "aiofastnet"),
+        default="native",
+        help="native (default): the bench client's Cython engine; uvloop / aiofastnet: the previous client "
+        "(fastws.client) on those transports",
     )
     p.add_argument("--port", type=int, default=9100, help="first port - 1 (one port per server)")
     p.add_argument("--keep", action="store_true", help="keep old result files in bench/results/")

@@ -1,14 +1,18 @@
 """broadcast: N subscribers on a fan-out endpoint, one publisher sending M timestamped messages.
 
 Works with any endpoint that relays every message to every subscriber and
-keeps the text (the demo's /chat prefixes "#id: ", which is fine): each
-published message carries ``fastws-bench <seq> <monotonic ns>``, found again
-in whatever the subscribers receive.  CLOCK_MONOTONIC is system-wide, so the
-subscriber processes can time deliveries against the publisher's clock.
+keeps the text: the demo's /feed (a quiet channel: every message to every
+subscriber, nothing else) or /chat (prefixes "#id: " and announces joins,
+which is fine).  Each published message carries ``fastws-bench <run> <seq>
+<CLOCK_MONOTONIC ns>``; CLOCK_MONOTONIC is system-wide, so subscribers in
+other processes time deliveries against the publisher's clock.  Subscribers
+and publisher are Cython engines (native.py): a delivery is parsed and
+timed in C, into a histogram and per-message counters (deliveries, latest
+delivery), without a Python call.
 
 Reported: delivery latency (publish -> each subscriber) p50/p90/p99/max,
-fan-out time (publish -> the last subscriber has it) per message, deliveries
-per second, and messages lost.
+fan-out time (publish -> the LAST subscriber has it) per message,
+deliveries per second, and messages lost.
 """
 
 from __future__ import annotations
@@ -18,134 +22,87 @@ import math
 import time
 from typing import Any
 
-from fastws.bench.clients import DISCARD, Opener, close_all, open_ws
-from fastws.bench.common import BenchError, Ctl, Histogram, Workers, parse_target, source_addresses, split
+from fastws.bench import legacy
+from fastws.bench.common import (
+    BenchError,
+    CPUWindow,
+    Ctl,
+    Histogram,
+    ServerCPU,
+    Workers,
+    client_report,
+    parse_target,
+    source_addresses,
+    split,
+    worker_cpu,
+)
+from fastws.bench.connections import PER_PROCESS, auto_sources
+from fastws.bench.native import HOLD, SUBSCRIBE, NativeClient, histogram, open_engine, use_native
+from fastws.bench.throughput import cpu_rows
 from fastws.bench.ui import UI, num
 
-MARK = "fastws-bench "
-
-
-class _Subscriber:
-    __slots__ = ("hist", "per_seq", "deliveries", "first", "last", "run_id")
-
-    def __init__(self, run_id: str) -> None:
-        self.hist = Histogram()
-        self.per_seq: dict[int, list[int]] = {}  # seq -> [deliveries, max latency ns]
-        self.deliveries = 0
-        self.first = 0
-        self.last = 0
-        self.run_id = run_id
-
-    def on_message(self, message: Any) -> None:
-        now = time.monotonic_ns()
-        if type(message) is bytes:
-            message = message.decode("utf-8", "replace")
-        i = message.find(MARK)
-        if i < 0:
-            return
-        parts = message[i + len(MARK) :].split(" ", 3)
-        if len(parts) < 3 or parts[0] != self.run_id:
-            return
-        seq, sent = int(parts[1]), int(parts[2])
-        lat = now - sent
-        self.hist.record(lat)
-        entry = self.per_seq.get(seq)
-        if entry is None:
-            self.per_seq[seq] = [1, lat]
-        else:
-            entry[0] += 1
-            if lat > entry[1]:
-                entry[1] = lat
-        self.deliveries += 1
-        if not self.first:
-            self.first = now
-        self.last = now
+BACKLOG = 1 << 20  # the publisher waits while this many bytes are not yet taken by the kernel
 
 
 async def subscriber_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"])
-    sub = _Subscriber(p["run_id"])
-    state = {"dropped": 0, "holding": False}
-
-    def on_close(code: int, reason: str) -> None:
-        if state["holding"]:
-            state["dropped"] += 1
-
-    async def open_one(local: Any) -> Any:
-        return await open_ws(
-            target,
-            local_addr=local,
-            on_message=sub.on_message,
-            on_close=on_close,
-            max_message_size=0,
-            open_timeout=p["open_timeout"],
-        )
-
-    opener = Opener(
-        open_one,
-        sources=p["sources"],
-        concurrency=p["concurrency"],
-        max_failures=max(10, p["n"]),
-        source_offset=p["index"] * 7919,
-        progress=ctl.progress,
-    )
-    conns = await opener.run(p["n"])
-    state["holding"] = True
-    ctl.send("ready", opened=len(conns), failures=dict(opener.failures))
-
-    async def report() -> None:
-        while True:
-            ctl.progress(sub.deliveries)
-            await asyncio.sleep(0.1)
-
-    reporter = asyncio.ensure_future(report())
+    engine = open_engine(target, sources=p["sources"], source_offset=p["index"] * 7919,
+                         open_timeout=p["open_timeout"])
+    engine.set_broadcast(p["run_id"], seq_cap=p["count"])
+    engine.set_mode(SUBSCRIBE)
+    client = NativeClient(engine, on_tick=lambda: ctl.progress(engine.opened))
+    engine.ramp(p["n"], p["concurrency"], timeout=p["ramp_timeout"], max_failures=max(10, p["n"]))
+    await client.wait(lambda: engine.ramp_done)
+    client.on_tick = lambda: ctl.progress(engine.deliveries)
+    dropped0 = engine.dropped
+    ctl.send("ready", opened=engine.live, failures=engine.failures())
     await ctl.recv()  # "stop"
-    state["holding"] = False
-    reporter.cancel()
-    for c in conns:
-        c.set_on_message(DISCARD)
-    await close_all(conns, 5.0)
+    dropped = engine.dropped - dropped0
+    await client.close(5.0)
     return {
-        "histogram": sub.hist.to_json(),
-        "per_seq": [[s, c, m] for s, (c, m) in sub.per_seq.items()],
-        "deliveries": sub.deliveries,
-        "first": sub.first,
-        "last": sub.last,
-        "opened": len(conns),
-        "dropped": state["dropped"],
+        "histogram": histogram(engine, "delivery").to_json(),
+        "per_seq": engine.per_message(),
+        "deliveries": engine.deliveries,
+        "first": engine.first_delivery,
+        "last": engine.last_delivery,
+        "opened": engine.opened,
+        "dropped": dropped,
     }
 
 
 async def publisher_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"])
-    pub = await open_ws(target, on_message=DISCARD, max_message_size=0, open_timeout=p["open_timeout"])
+    engine = open_engine(target, open_timeout=p["open_timeout"])
+    engine.set_broadcast(p["run_id"], size=p["size"])
+    engine.set_mode(HOLD)  # its own messages come back too (on /feed): counted, not timed
+    client = NativeClient(engine)
+    engine.ramp(1)
+    await client.wait(lambda: engine.ramp_done)
+    if not engine.live:
+        raise BenchError(f"the publisher could not connect: {engine.failures()}")
     ctl.send("ready", opened=1, failures={})
     cmd = await ctl.recv()
     if cmd["type"] != "start":
-        await close_all([pub], 2.0)
+        await client.close(2.0)
         return {}
-    size, rate, count = p["size"], p["rate"], p["count"]
-    t_end = cmd["t_end"]
-    prefix = f"{MARK}{p['run_id']} "
-    sent = 0
+    rate, count, t_end = p["rate"], p["count"], cmd["t_end"]
     start = time.monotonic()
     first_ns = time.monotonic_ns()
-    writer = pub.writer
-    while sent < count and time.monotonic() < t_end and not pub.closed:
-        due = int((time.monotonic() - start) * rate) + 1 if rate else count
-        while sent < min(due, count):
-            head = f"{prefix}{sent} {time.monotonic_ns()} "
-            writer.send(head + "x" * max(0, size - len(head)))
-            sent += 1
-        ctl.progress(sent)
-        await asyncio.sleep(0.001 if rate else 0)
-        if pub.transport is not None and pub.transport.get_write_buffer_size() > 1 << 20:
-            await pub.drain()
+    while engine.published < count and time.monotonic() < t_end and engine.live:
+        due = min(count, int((time.monotonic() - start) * rate) + 1) if rate else count
+        if engine.pending_bytes > BACKLOG:  # the server reads slower than we publish: wait for it
+            await client.wait(lambda: engine.pending_bytes < BACKLOG // 2 or not engine.live, 1.0)
+            continue
+        if due > engine.published:
+            engine.publish(min(due - engine.published, 256))
+        ctl.progress(engine.published)
+        await asyncio.sleep(0.001 if rate and due <= engine.published else 0)
     last_ns = time.monotonic_ns()
-    ctl.send("sent", sent=sent)
+    ctl.progress(engine.published)
+    ctl.send("sent", sent=engine.published)
     await ctl.recv()  # "stop"
-    await close_all([pub], 2.0)
-    return {"sent": sent, "first_send": first_ns, "last_send": last_ns}
+    await client.close(2.0)
+    return {"sent": engine.published, "first_send": first_ns, "last_send": last_ns}
 
 
 async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
@@ -158,8 +115,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     target = parse_target(args.url)
     if target.raw:
         raise BenchError("broadcast has no --raw mode")
+    native = use_native(args, target, ui)
     n = args.connections
-    procs = args.processes or (1 if n <= 1000 else 2)
+    procs = args.processes or max(math.ceil(n / PER_PROCESS), 1 if n <= 1000 else 2)
     procs = max(1, min(procs, n))
     if args.count:
         count = args.count
@@ -168,28 +126,28 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     else:
         count = 1000
     run_id = f"{time.monotonic_ns() % 10**9:x}"
-    sources = (
-        source_addresses(args.source_addresses or max(1, math.ceil(n / 20000))) if target.loopback else []
-    )
-    common = dict(url=args.url, open_timeout=args.open_timeout, run_id=run_id, size=args.size)
+    sources = source_addresses(args.source_addresses or auto_sources(n)) if target.loopback else []
+    common = dict(url=args.url, open_timeout=args.open_timeout, run_id=run_id, size=args.size, count=count)
     params = [
         dict(
             common,
             role="subscriber",
             n=c,
-            concurrency=max(1, args.concurrency // procs),
+            concurrency=max(2, math.ceil(args.concurrency / procs)),
+            ramp_timeout=args.open_timeout * 3 + n / 2000,
             sources=sources,
             index=i,
+            cpu=worker_cpu(args, i),
         )
         for i, c in enumerate(split(n, procs))
     ]
-    params.append(dict(common, role="publisher", rate=args.rate, count=count, index=procs))
+    params.append(dict(common, role="publisher", rate=args.rate, index=procs, cpu=worker_cpu(args, procs)))
     subs = list(range(procs))
-    with Workers(worker, params) as workers:
+    with Workers(worker if native else legacy.broadcast_worker, params) as workers:
         workers.start()
         ui.start("subscribing", n)
         ready = workers.gather(
-            "ready", timeout=args.open_timeout * 3 + 60, tick=lambda: ui.update(workers.progress())
+            "ready", timeout=args.open_timeout * 3 + 60 + n / 2000, tick=lambda: ui.update(workers.progress())
         )
         ui.stop()
         opened = sum(r["opened"] for r in ready[:procs])
@@ -199,6 +157,11 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         time.sleep(args.settle)  # let join notices and the like pass
         for i in subs:
             workers.counters[i] = 0.0
+        server_cpu = ServerCPU(args.server_pid)
+        server_cpu.start()
+        client_cpu = [CPUWindow([pid], children=False) for pid in workers.pids]
+        for w in client_cpu:
+            w.start()
         start = time.monotonic()
         workers.send(procs, "start", t_end=start + args.duration)
         expected_total = opened * count
@@ -216,8 +179,11 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             time.sleep(0.02)
             tick()
         ui.stop()
+        server_cpu.stop()
+        for w in client_cpu:
+            w.stop()
         workers.send_all("stop")
-        results = [r["result"] for r in workers.gather("result", timeout=60)]
+        results = [r["result"] for r in workers.gather("result", timeout=60 + n / 20000)]
     sub_results, pub_result = results[:procs], results[procs]
     hist = Histogram()
     per_seq: dict[int, list[int]] = {}
@@ -236,7 +202,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     deliveries = sum(r["deliveries"] for r in sub_results)
     last = max((r["last"] for r in sub_results if r["last"]), default=0)
     span = (last - pub_result["first_send"]) / 1e9 if last else 0.0
-    return {
+    out = {
         "subscribers": opened,
         "messages_sent": sent,
         "deliveries": deliveries,
@@ -251,7 +217,12 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "histogram": hist.to_json(),
         "dropped": sum(r["dropped"] for r in sub_results),
         "failures": {k: v for r in ready[:procs] for k, v in r["failures"].items()},
+        "processes": procs,
     }
+    per_process = [{"cpu_percent": w.percent, "busy_percent": w.busy} for w in client_cpu]
+    pace = f"paced by --rate {args.rate:g}" if args.rate else "the publisher waits for the server to read"
+    out.update(client_report(args, per_process, server_cpu, native, unsaturated=pace))
+    return out
 
 
 def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -263,8 +234,8 @@ def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]
         ("delivery p50", f"{lat['p50']:,.0f} µs"),
         ("delivery p99", f"{lat['p99']:,.0f} µs"),
         ("delivery max", f"{lat['max']:,.0f} µs"),
-        ("all subscribers p50", f"{fan['p50']:,.0f} µs"),
-        ("all subscribers p99", f"{fan['p99']:,.0f} µs"),
-        ("all subscribers max", f"{fan['max']:,.0f} µs"),
+        ("publish to last delivery p50", f"{fan['p50']:,.0f} µs"),
+        ("publish to last delivery p99", f"{fan['p99']:,.0f} µs"),
+        ("publish to last delivery max", f"{fan['max']:,.0f} µs"),
         ("lost", f"{num(res['lost'])} of {num(res['expected_deliveries'])}"),
-    ]
+    ] + cpu_rows(res)

@@ -8,7 +8,18 @@ import os
 import sys
 from typing import Any
 
-from fastws.bench.common import SCHEMA_VERSION, BenchError, environment, format_size, parse_size, write_json
+from fastws.bench.common import (
+    CLIENT_BOUND_WARNING,
+    SCHEMA_VERSION,
+    BenchError,
+    environment,
+    find_server_pids,
+    format_size,
+    parse_cpus,
+    parse_size,
+    parse_target,
+    write_json,
+)
 
 MODE_HELP = {
     "throughput": "C connections x D messages of S bytes in flight against an echo endpoint: msgs/s, MB/s",
@@ -35,12 +46,14 @@ PARAM_KEYS = (
     "warmup",
     "count",
     "processes",
+    "pin",
     "raw",
     "compression",
     "source_addresses",
     "concurrency",
     "rate",
     "server_pid",
+    "server_pid_detected",
     "ramp_timeout",
 )
 
@@ -131,11 +144,24 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
         )
     p.add_argument(
         "-p",
+        "--procs",
         "--processes",
+        dest="processes",
         type=_positive(int),
-        default=0 if mode in ("connections", "broadcast") else 1,
+        default=0,
         metavar="P",
-        help="client processes (default: %s)" % ("auto" if mode in ("connections", "broadcast") else "1"),
+        help="client processes (default: "
+        + (
+            "enough to keep each under the open-file limit"
+            if mode in ("connections", "broadcast")
+            else "one per --pin CPU, else half of this machine's CPUs"
+        )
+        + ")",
+    )
+    p.add_argument(
+        "--pin",
+        metavar="CPUS",
+        help="pin the client processes to these CPUs, one each in turn (taskset style: 1, 1-3, 0,2)",
     )
     p.add_argument(
         "--source-addresses",
@@ -154,10 +180,10 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
     )
     p.add_argument(
         "--client-transport",
-        choices=("uvloop", "aiofastnet"),
-        default="uvloop",
-        help="socket transports of the client: uvloop's own or aiofastnet's, on the uvloop loop "
-        "(default uvloop)",
+        choices=("native", "uvloop", "aiofastnet"),
+        default="native",
+        help="native (default): the Cython client engine on its own sockets; uvloop / aiofastnet: the "
+        "previous client (fastws.client, a Python call per message) on those transports",
     )
     p.add_argument("--json", metavar="FILE", help="save parameters, results and machine facts as JSON")
     p.add_argument("--label", help="name of this run in the JSON file and in plots (default: the URL)")
@@ -168,7 +194,8 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
         action="append",
         metavar="PID",
         help="server process to watch (repeatable; its children count too): CPU use"
-        + (", memory per connection" if mode == "connections" else ""),
+        + (", memory per connection" if mode == "connections" else "")
+        + " (default: the process listening on the URL's port, when that is on this machine)",
     )
     if mode in ("connections", "broadcast"):
         p.add_argument(
@@ -180,6 +207,13 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
         )
     if mode == "connections":
         p.add_argument(
+            "--no-verify",
+            dest="verify",
+            action="store_false",
+            help="skip the end check that every held connection still echoes (default: check; "
+            "against an echo endpoint)",
+        )
+        p.add_argument(
             "--rate",
             type=_positive(float),
             default=0.0,
@@ -189,9 +223,9 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument(
             "--ramp-timeout",
             type=_positive(float),
-            default=120.0,
+            default=0.0,
             metavar="SECONDS",
-            help="give up opening more after this long (default 120)",
+            help="give up opening more after this long (default: 120, or 1 s per 1,000 connections)",
         )
     if mode in ("connections", "handshake"):
         p.add_argument(
@@ -263,7 +297,8 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         from fastws.bench.clients import set_transport
 
-        set_transport(args.client_transport)
+        prepare(args)
+        set_transport("uvloop" if args.client_transport == "native" else args.client_transport)
         results = module.run(args, ui)
     except (BenchError, ImportError) as exc:
         ui.stop()
@@ -281,6 +316,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.mode == "throughput":
         title += f", {args.connections} conn x {args.inflight} in flight"
     ui.table(title, module.summary(results, params))
+    if results.get("client_bound"):
+        ui.warn(CLIENT_BOUND_WARNING)
     if args.json:
         doc = {
             "tool": "fastws bench",
@@ -298,6 +335,28 @@ def bench_command(args: argparse.Namespace) -> int:
         if not args.quiet:
             ui.note(f"saved {args.json}")
     return 0
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Client CPUs (--pin), the default number of client processes, and the server's PIDs when the user gave
+    none and the server is on this machine (so its CPU is shown beside the client's)."""
+    args.pin_cpus = parse_cpus(args.pin) if args.pin else None
+    if args.pin_cpus:
+        try:
+            os.sched_setaffinity(0, set(args.pin_cpus))  # the coordinating parent stays off the server's CPUs too
+        except OSError as exc:
+            raise BenchError(f"cannot pin to CPUs {args.pin}: {exc}") from None
+    if not args.processes and args.mode in ("throughput", "latency", "handshake"):
+        cpus = len(args.pin_cpus) if args.pin_cpus else max(1, len(os.sched_getaffinity(0)) // 2)
+        args.processes = max(1, min(cpus, args.connections or 1))
+    args.server_pid_detected = False
+    if not args.server_pid:
+        target = parse_target(args.url, args.raw)
+        if target.loopback:
+            pids = find_server_pids(target.port)
+            if pids:
+                args.server_pid = pids
+                args.server_pid_detected = True
 
 
 def plot_command(args: argparse.Namespace) -> int:

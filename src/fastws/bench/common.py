@@ -47,7 +47,23 @@ __all__ = [
     "process_cpu",
     "wait_until",
     "ServerCPU",
+    "payload_for",
+    "parse_cpus",
+    "find_server_pids",
+    "own_rss",
+    "pss_bytes",
+    "mem_available_fraction",
+    "client_load",
+    "client_report",
+    "CPUWindow",
+    "client_cpus",
+    "worker_cpu",
+    "server_capacity",
+    "CLIENT_BOUND_PERCENT",
+    "CLIENT_BOUND_WARNING",
 ]
+
+CLIENT_BOUND_PERCENT = 90.0  # a client busier than this (share of its CPUs) may be what limits a figure
 
 SCHEMA_VERSION = 1
 
@@ -189,6 +205,16 @@ class Histogram:
         }
 
     @classmethod
+    def from_indexed(cls, pairs: Iterable[Sequence[int]], vmin: int, vmax: int, vsum: int) -> Histogram:
+        """A histogram from [bucket index, count] pairs (the Cython engine records with the same buckets)."""
+        h = cls()
+        for idx, count in pairs:
+            h.counts[idx] += count
+            h.total += count
+        h.min, h.max, h.sum = vmin, vmax, vsum
+        return h
+
+    @classmethod
     def from_json(cls, data: dict[str, Any]) -> Histogram:
         h = cls()
         for low, _high, count in data.get("buckets", []):
@@ -199,6 +225,14 @@ class Histogram:
         h.total = data.get("count", sum(c for _, _, c in data.get("buckets", [])))
         h.min, h.max, h.sum = data.get("min", 0), data.get("max", 0), data.get("sum", 0)
         return h
+
+
+def payload_for(size: int, text: bool) -> str | bytes:
+    """The data message of the echo modes: ``size`` bytes, text or binary."""
+    if text:
+        return ("fastws" * (size // 6 + 1))[:size]
+    pattern = bytes(range(256))
+    return (pattern * (size // 256 + 1))[:size]
 
 
 # ---------------------------------------------------------------------------
@@ -313,6 +347,21 @@ def rss_bytes(pids: Sequence[int], children: bool = True) -> int:
     return total
 
 
+def pss_bytes(pids: Sequence[int]) -> int:
+    """Proportional set size of the processes (pages shared by n of them count 1/n), /proc/PID/smaps_rollup."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def cpu_seconds(pids: Sequence[int], children: bool = True) -> float:
     """User + system CPU time of the processes (and their children), from /proc/PID/stat."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -373,6 +422,172 @@ def environment(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
     }
 
 
+def own_rss() -> int:
+    """Resident memory of this process, bytes."""
+    return rss_bytes([os.getpid()], children=False)
+
+
+def mem_available_fraction() -> float:
+    """MemAvailable / MemTotal of the machine (1.0 if unknown)."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    info[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    if not info.get("MemTotal") or "MemAvailable" not in info:
+        return 1.0
+    return info["MemAvailable"] / info["MemTotal"]
+
+
+def parse_cpus(text: str) -> list[int]:
+    """A taskset-style CPU list: '1' -> [1], '1-3' -> [1, 2, 3], '0,2-3' -> [0, 2, 3]."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus += range(int(lo), int(hi) + 1) if hi else [int(lo)]
+    except ValueError:
+        raise BenchError(f"invalid CPU list {text!r} (examples: 1, 1-3, 0,2)") from None
+    if not cpus or min(cpus) < 0:
+        raise BenchError(f"invalid CPU list {text!r}")
+    return sorted(set(cpus))
+
+
+def find_server_pids(port: int) -> list[int]:
+    """Processes with a listening TCP socket on ``port`` (loopback servers: whose CPU to show), from /proc."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except (OSError, ValueError):
+            continue
+    if not inodes:
+        return []
+    wanted = {f"socket:[{i}]" for i in inodes}
+    me = os.getpid()
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in wanted:
+                    pids.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+def client_load(per_process: Sequence[float], cpus: int, busy: Sequence[float] = ()) -> dict[str, Any]:
+    """The client's CPU verdict.  Bound: a client process was running or waiting for a CPU more than
+    CLIENT_BOUND_PERCENT of the time (``busy``), or the processes together ran more than that share of the
+    CPUs they had: then the figure may be the client's limit rather than the server's."""
+    procs = len(per_process)
+    usable = max(1, min(procs, cpus)) if procs else 1
+    share = round(sum(per_process) / usable, 1) if procs else 0.0
+    bound = bool(procs) and (
+        max(per_process) > CLIENT_BOUND_PERCENT
+        or share > CLIENT_BOUND_PERCENT
+        or any(b > CLIENT_BOUND_PERCENT for b in busy)
+    )
+    return {
+        "percent_of_capacity": share,
+        "cpus": cpus,
+        "busy_percent": list(busy),
+        "bound": bound,
+    }
+
+
+def server_capacity(pids: Sequence[int]) -> int:
+    """How many cores the server processes (and their children) can use at most."""
+    tree = _proc_tree(pids)
+    cpus: set[int] = set()
+    for pid in tree:
+        try:
+            cpus |= os.sched_getaffinity(pid)
+        except (OSError, AttributeError):
+            continue
+    return max(1, min(len(tree), len(cpus) or len(tree)))
+
+
+def client_cpus(args: Any) -> list[int]:
+    """The CPUs the client may use: --pin, or this process's affinity."""
+    if getattr(args, "pin_cpus", None):
+        return list(args.pin_cpus)
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+CLIENT_BOUND_WARNING = (
+    "the client was running or waiting for a CPU more than 90 % of the measured time: this figure may be "
+    "the client's limit, not the server's; give the client more CPUs (--pin, --procs) or move it elsewhere"
+)
+
+
+def client_report(
+    args: Any,
+    per_process: Sequence[dict[str, Any]],
+    server: CPUWindow,
+    native: bool,
+    unsaturated: str = "bound by round trips",
+) -> dict[str, Any]:
+    """CPU of both sides over the measured window and which one was the limit (result keys).
+    ``per_process``: each client process's ``cpu_percent`` and ``busy_percent``; ``unsaturated``: what
+    bounds the figure when neither side is saturated."""
+    cpus = client_cpus(args)
+    cpu = [r.get("cpu_percent") or 0.0 for r in per_process]
+    busy = [r["busy_percent"] for r in per_process if r.get("busy_percent") is not None]
+    load = client_load(cpu, len(cpus), busy)
+    pids = list(getattr(args, "server_pid", None) or [])
+    server_percent = server.percent
+    server_bound = False
+    if server_percent is not None and pids:
+        ceiling = CLIENT_BOUND_PERCENT * server_capacity(pids)
+        server_bound = server_percent >= ceiling or (server.busy or 0.0) >= ceiling
+    busy_text = f"busy {max(busy):.0f} %" if busy else f"{load['percent_of_capacity']:.0f} % of its CPUs"
+    server_text = f"server {server_percent:.0f} %" if server_percent is not None else "server unknown"
+    if load["bound"] and server_bound:
+        limit = f"both saturated: client {busy_text}, {server_text}"
+    elif load["bound"]:
+        limit = f"client-bound: client {busy_text}, {server_text}"
+    elif server_bound:
+        limit = f"server-bound: {server_text}, client {busy_text}"
+    elif server_percent is not None:
+        limit = f"neither saturated: client {busy_text}, {server_text}" + (f" ({unsaturated})" if unsaturated else "")
+    else:
+        limit = ""
+    transport = getattr(args, "client_transport", "native")
+    return {
+        "client_cpu_percent": cpu,
+        "client_cpus": len(cpus),
+        "client_cpu_list": getattr(args, "pin", None) or "",
+        "client_load": load,
+        "client_bound": load["bound"],
+        "server_cpu_percent": server_percent,
+        "server_busy_percent": server.busy,
+        "server_pids": pids,
+        "server_bound": server_bound,
+        "limit": limit,
+        "client_path": "native" if native else f"legacy ({'uvloop' if transport == 'native' else transport})",
+    }
+
+
 def process_cpu() -> float:
     """CPU seconds (user + system) used by this process so far."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -390,25 +605,56 @@ def wait_until(t: float, tick: Callable[[], None] | None = None, step: float = 0
             tick()
 
 
-class ServerCPU:
-    """CPU use of the server processes (given by PID) over a window: ``start()``, ``stop()`` -> percent."""
+def run_and_wait_ns(pids: Sequence[int], children: bool = True) -> tuple[int, int]:
+    """Nanoseconds the processes' threads spent running and waiting for a CPU (/proc/PID/task/*/schedstat)."""
+    run = wait = 0
+    for pid in _proc_tree(pids) if children else pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    fields = f.read().split()
+                run += int(fields[0])
+                wait += int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return run, wait
 
-    def __init__(self, pids: Sequence[int] | None) -> None:
-        self.pids = list(pids or [])
+
+class CPUWindow:
+    """CPU use of processes over a window (``start()``, ``stop()``): ``percent``, the share of one core they
+    ran, and ``busy``, the share of the time they were running or waiting for a CPU.  A process that is
+    busy ~100 % of the time is saturated even when it shares its CPU (and then runs less than 100 %)."""
+
+    def __init__(self, pids: Sequence[int] | None = None, children: bool = True) -> None:
+        self.pids = list(pids) if pids is not None else [os.getpid()]
+        self.children = children
         self._c0 = self._t0 = 0.0
+        self._r0 = self._w0 = 0
         self.percent: float | None = None
+        self.busy: float | None = None
 
     def start(self) -> None:
         if self.pids:
-            self._c0, self._t0 = cpu_seconds(self.pids), time.monotonic()
+            self._c0, self._t0 = cpu_seconds(self.pids, self.children), time.monotonic()
+            self._r0, self._w0 = run_and_wait_ns(self.pids, self.children)
 
     def stop(self) -> float | None:
         if self.pids and self._t0:
             elapsed = time.monotonic() - self._t0
-            self.percent = (
-                round(100 * (cpu_seconds(self.pids) - self._c0) / elapsed, 1) if elapsed > 0 else None
-            )
+            if elapsed > 0:
+                self.percent = round(100 * (cpu_seconds(self.pids, self.children) - self._c0) / elapsed, 1)
+                run, wait = run_and_wait_ns(self.pids, self.children)
+                self.busy = round(100 * ((run - self._r0) + (wait - self._w0)) / 1e9 / elapsed, 1)
         return self.percent
+
+
+def ServerCPU(pids: Sequence[int] | None) -> CPUWindow:  # noqa: N802 - the name the modes use
+    """CPU of the server processes given by PID (none: nothing is measured)."""
+    return CPUWindow(list(pids or []))
 
 
 def raise_nofile() -> int:
@@ -496,6 +742,8 @@ def _worker_main(
 ) -> None:
     try:
         raise_nofile()
+        if params.get("cpu") is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {params["cpu"]})
         loop = new_loop()
         asyncio.set_event_loop(loop)
         ctl = Ctl(conn, counters, index)
@@ -703,15 +951,21 @@ class RawEcho(asyncio.BufferedProtocol):
             self.closed.set_result(None)
 
 
+def worker_cpu(args: Any, index: int) -> int | None:
+    """The CPU that client process ``index`` is pinned to (--pin: one each, round robin), or None."""
+    pins = getattr(args, "pin_cpus", None)
+    return pins[index % len(pins)] if pins else None
+
+
 def client_params(args: Any, target: Any, **extra: Any) -> list[dict[str, Any]]:
     """One parameter dict per client process for the echo modes (throughput, latency):
     connections, message count and source addresses split over ``--processes``."""
-    procs = max(1, min(args.processes, args.connections))
+    procs = max(1, min(args.processes or 1, args.connections))
     sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
     per_count = math.ceil(args.count / procs) if args.count else 0
     return [
         dict(url=args.url, raw=args.raw, size=args.size, text=args.text, compression=args.compression,
              connections=n, count=per_count, sources=sources, open_timeout=args.open_timeout, index=i,
-             **extra)
+             cpu=worker_cpu(args, i), **extra)
         for i, n in enumerate(split(args.connections, procs))
     ]

@@ -1,38 +1,55 @@
-"""connections: ramp to N concurrent connections across client processes, hold them, measure the server.
+"""connections: ramp to N concurrent connections across client processes, hold them, measure both sides.
 
-Each client process opens its share (``--concurrency`` handshakes at a time,
-optionally paced by ``--rate``), spreading source addresses over 127.0.0.x
-when the server is on loopback (each address has its own ephemeral ports).
-The connections then sit idle for ``--duration`` seconds, answering the
-server's keepalive pings.  Given ``--server-pid`` (repeatable; children are
-counted too) the server's resident memory is read before the ramp and after
-the hold: the difference over the connections opened is the memory cost of
-an idle connection.  The server's CPU use during the hold is its keepalive
-cost.  Failures are counted by cause (ECONNREFUSED, EADDRNOTAVAIL, EMFILE,
-timeout, HTTP 503...), and the first one says which limit was reached first.
+Each client process (auto: enough that none passes ~18,000 open files) runs
+one Cython engine: its connections are C structs of ~100 bytes, with no
+Python object, task or future each, so the client's own memory stays small
+next to the server's.  The ramp opens ``--concurrency`` handshakes at a time
+(optionally paced by ``--rate``), spreading source addresses over 127.0.0.x
+when the server is on loopback (each address has its own ~28,000 ephemeral
+ports); it stops at the target, at the ramp timeout, after ``--max-failures``
+failed attempts per process, or when the machine runs low on memory.  The
+connections are then held idle for ``--duration`` seconds, answering the
+server's keepalive pings.  At the end every held connection sends one small
+message and its echo is counted (``--no-verify`` skips it; a first probe on a
+single connection makes sure the endpoint echoes rather than fans out).
+
+Reported: handshakes/s and the ramp curve, failures by cause (EMFILE,
+EADDRNOTAVAIL, ECONNREFUSED, timeout, HTTP 503...) with the first limit hit,
+connections dropped while held, pings answered, connections still echoing,
+the client's RSS per connection, and for the server (``--server-pid``,
+children included; found by port when the server is on this machine) its RSS
+before/after and per connection and its CPU while idle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import resource
 import time
 from typing import Any
 
-from fastws.bench.clients import Opener, close_all, connector
+from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
+    ServerCPU,
     Workers,
     cpu_seconds,
+    mem_available_fraction,
+    own_rss,
     parse_target,
+    pss_bytes,
     rss_bytes,
     source_addresses,
     split,
+    worker_cpu,
 )
+from fastws.bench.native import NativeClient, histogram, open_engine, use_native
 from fastws.bench.ui import UI, num
 
-PER_PROCESS = 15000  # the open-file limit here is 20000 per process: keep headroom
 LIMIT_HINTS = {
     "EMFILE": "open files per process (ulimit -n)",
     "ENFILE": "open files system-wide (fs.file-max)",
@@ -44,7 +61,29 @@ LIMIT_HINTS = {
     "HTTP 503": "server connection limit (max_connections)",
     "ENOMEM": "memory",
     "ENOBUFS": "kernel socket buffers",
+    "memory": "memory (MemAvailable below 3 % of the machine): the ramp was stopped",
 }
+LOW_MEMORY = 0.03  # stop ramping when MemAvailable falls below this share of MemTotal
+
+
+def per_process_limit() -> int:
+    """Connections per client process: below its open-file limit, with room for the interpreter's own."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    return max(100, min(18000, hard - 2000))
+
+
+PER_PROCESS = per_process_limit()
+
+
+def ports_per_address() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+        return hi - lo + 1
+    except (OSError, ValueError):
+        return 28232
 
 
 def auto_processes(n: int) -> int:
@@ -52,52 +91,87 @@ def auto_processes(n: int) -> int:
     return max(procs, 2 if n >= 2000 else 1)
 
 
+def auto_sources(n: int) -> int:
+    """Source addresses enough for ~10,000 connections each.  connect() picks from the even half of the
+    ephemeral range first (odd ports are left to bind()), and past ~14,000 connections to one server
+    port from one address each connect() searches the rest of the range: the ramp slows to a crawl."""
+    return max(4, math.ceil(n / (0.35 * ports_per_address())))
+
+
 async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"], p["raw"])
-    state = {"holding": False, "dropped": 0}
-
-    def on_close(code: int, reason: str) -> None:
-        if state["holding"]:
-            state["dropped"] += 1
-
-    open_one = connector(target, p["raw"], p["open_timeout"], on_close=on_close)
-
-    ctl.send("ready")
+    engine = open_engine(
+        target,
+        raw=p["raw"],
+        sources=p["sources"],
+        source_offset=p["index"] * 7919,
+        open_timeout=p["open_timeout"],
+        close_timeout=p["close_timeout"],
+    )
+    client = NativeClient(engine)
+    rss_ready = own_rss()
+    ctl.send("ready", rss=rss_ready)
     cmd = await ctl.recv()
     if cmd["type"] != "ramp":
+        client.detach()
         return {}
-    opener = Opener(
-        open_one,
-        sources=p["sources"],
-        concurrency=p["concurrency"],
-        max_failures=p["max_failures"],
-        deadline=time.monotonic() + p["ramp_timeout"],
-        rate=p["rate"],
-        progress=ctl.progress,
-        source_offset=p["index"] * 7919,
-    )
-    conns = await opener.run(p["connections"])
+    start = time.monotonic()
+    timeline: list[tuple[float, int]] = [(0.0, 0)]
+
+    def ramp_tick() -> None:
+        ctl.progress(engine.opened)
+        now = time.monotonic() - start
+        if now - timeline[-1][0] >= 0.25 and engine.opened != timeline[-1][1]:
+            timeline.append((round(now, 3), engine.opened))
+        msg = ctl.poll()  # the parent may stop the ramp (low memory)
+        if msg is not None and msg["type"] == "stop_ramp":
+            engine.stop_ramp()
+
+    client.on_tick = ramp_tick
+    engine.ramp(p["connections"], p["concurrency"], p["rate"], p["ramp_timeout"], p["max_failures"])
+    await client.wait(lambda: engine.ramp_done)
+    seconds = time.monotonic() - start
+    timeline.append((round(seconds, 3), engine.opened))
+    client.on_tick = lambda: ctl.progress(engine.live)
     ctl.send(
         "ramped",
-        opened=len(conns),
-        failures=dict(opener.failures),
-        seconds=opener.finished - opener.started,
-        histogram=opener.latency.to_json(),
-        timeline=opener.timeline,
-        stopped_by=opener.stopped_by,
-        first_failure=opener.first_failure,
+        opened=engine.live,
+        failures=engine.failures(),
+        seconds=seconds,
+        histogram=histogram(engine, "open").to_json(),
+        timeline=timeline,
+        stopped_by=engine.stopped_by,
+        first_failure=engine.first_failure(),
+        rss_before=rss_ready,
+        rss_after=own_rss(),
     )
-    state["holding"] = True
-    cmd = await ctl.recv()  # "close"
-    state["holding"] = False
-    if p["raw"]:
-        dropped = sum(1 for c in conns if c.closed.done())
-        pings = 0
-    else:
-        dropped = state["dropped"]
-        pings = sum(c.pings_received for c in conns)
-    unclosed = await close_all(conns, 10.0)
-    return {"dropped": dropped, "pings_received": pings, "unclosed": unclosed}
+    dropped0, pings0 = engine.dropped, engine.pings
+    result: dict[str, Any] = {}
+    while True:
+        cmd = await ctl.recv()
+        if cmd["type"] == "held":
+            result.update(dropped=engine.dropped - dropped0, pings_received=engine.pings - pings0,
+                          still_open=engine.live)
+            ctl.send("held", **result)
+        elif cmd["type"] == "probe":
+            # One message on one connection: an echo endpoint answers it once; a fan-out one delivers it to
+            # every connection here too (then checking each connection would flood the server).
+            received = engine.received
+            engine.verify(1)
+            answered = await client.wait(lambda: engine.verified >= 1, cmd["timeout"])
+            if answered:
+                await asyncio.sleep(0.2)
+            ctl.send("probed", echo=answered and engine.received - received == 1)
+        elif cmd["type"] == "verify":
+            sent0, answered0 = engine.verify_sent, engine.verified  # not the probe
+            engine.verify()
+            await client.wait(lambda: engine.verified >= engine.verify_sent, cmd["timeout"])
+            ctl.send("verified", sent=engine.verify_sent - sent0, answered=engine.verified - answered0)
+        else:  # "close"
+            break
+    await client.close(p["close_timeout"] + 5)
+    result["unclosed"] = engine.close_timeouts
+    return result
 
 
 def _merge_timelines(timelines: list[list[list[float]]]) -> list[list[float]]:
@@ -117,53 +191,82 @@ def _merge_timelines(timelines: list[list[list[float]]]) -> list[list[float]]:
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
     target = parse_target(args.url, args.raw)
+    native = use_native(args, target, ui)
     n = args.connections
-    procs = args.processes or auto_processes(n)
-    procs = max(1, min(procs, n))
+    procs = max(1, min(args.processes or auto_processes(n), n))
     if math.ceil(n / procs) > PER_PROCESS:
         ui.warn(
             f"{math.ceil(n / procs)} connections per process is close to the open-file limit; "
             f"use --processes {math.ceil(n / PER_PROCESS)}"
         )
-    k = args.source_addresses or max(4, math.ceil(n / 20000))
+    k = args.source_addresses or auto_sources(n)
     sources = source_addresses(k) if target.loopback else []
+    ramp_timeout = args.ramp_timeout or max(120.0, n / 1000)
+    # A server closes (or echoes) a million connections at some tens of thousands a second: wait for it.
+    close_timeout = 5.0 + n / 20000
     pids = args.server_pid or []
     params = [
         dict(
             url=args.url,
             raw=args.raw,
             connections=c,
-            concurrency=max(1, args.concurrency // procs),
+            concurrency=max(2, math.ceil(args.concurrency / procs)),
             rate=args.rate / procs if args.rate else 0.0,
-            ramp_timeout=args.ramp_timeout,
+            ramp_timeout=ramp_timeout,
             max_failures=args.max_failures,
             sources=sources,
             open_timeout=args.open_timeout,
+            close_timeout=close_timeout,
             index=i,
+            cpu=worker_cpu(args, i),
         )
         for i, c in enumerate(split(n, procs))
     ]
-    server: dict[str, Any] = {"pids": pids}
-    with Workers(worker, params) as workers:
+    server: dict[str, Any] = {"pids": pids, "detected": bool(getattr(args, "server_pid_detected", False))}
+    client: dict[str, Any] = {"path": "native" if native else "legacy"}
+    verify: dict[str, Any] = {"checked": False}
+    stopped_for_memory = False
+    with Workers(worker if native else legacy.connections_worker, params) as workers:
         workers.start()
-        workers.gather("ready", timeout=30)
+        ready = workers.gather("ready", timeout=30 + procs)
         if pids:
             time.sleep(0.2)
             server["rss_before"] = rss_bytes(pids)
+        ramp_cpu = CPUWindow(workers.pids, children=False)
+        ramp_server = ServerCPU(pids)
+        ramp_cpu.start()
+        ramp_server.start()
         ramp_start = time.monotonic()
         workers.send_all("ramp")
         ui.start("ramping", n)
 
         def tick() -> None:
+            nonlocal stopped_for_memory
             done = workers.progress()
             elapsed = time.monotonic() - ramp_start
             ui.update(done, f"{num(done)}/{num(n)}  {num(done / elapsed if elapsed else 0)}/s")
+            if not stopped_for_memory and mem_available_fraction() < LOW_MEMORY:
+                stopped_for_memory = True
+                workers.send_all("stop_ramp")
 
-        ramped = workers.gather("ramped", timeout=args.ramp_timeout + args.open_timeout + 60, tick=tick)
+        ramped = workers.gather("ramped", timeout=ramp_timeout + args.open_timeout + 60, tick=tick)
+        ramp_cpu.stop()
+        ramp_server.stop()
         ui.stop()
+        client["cpu_percent_during_ramp"] = ramp_cpu.percent
+        server["cpu_percent_during_ramp"] = ramp_server.percent
         opened = sum(r["opened"] for r in ramped)
         ramp_seconds = max(r["seconds"] for r in ramped)
+        if native:
+            client["rss_before"] = sum(r.get("rss", 0) for r in ready)
+            client["rss_after_ramp"] = sum(r["rss_after"] for r in ramped)
+            client["pss_after_ramp"] = pss_bytes(workers.pids)  # shared pages counted once
+            if opened:
+                client["bytes_per_connection"] = round(
+                    sum(r["rss_after"] - r["rss_before"] for r in ramped) / opened, 1
+                )
         hold_start = time.monotonic()
+        client_cpu0 = cpu_seconds(workers.pids, children=False)
         if pids:
             time.sleep(min(1.0, args.duration / 2))  # let the server settle after the ramp
             server["rss_after_ramp"] = rss_bytes(pids)
@@ -171,15 +274,24 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         ui.start("holding", args.duration, expected_seconds=args.duration)
         while time.monotonic() - hold_start < args.duration:
             time.sleep(min(0.2, max(0.0, args.duration - (time.monotonic() - hold_start))))
-            ui.update(time.monotonic() - hold_start, f"{num(opened)} open")
+            ui.update(time.monotonic() - hold_start, f"{num(workers.progress())} open")
         ui.stop()
+        held_for = time.monotonic() - hold_start
+        client["cpu_percent_during_hold"] = round(
+            100 * (cpu_seconds(workers.pids, children=False) - client_cpu0) / held_for, 2
+        )
         if pids:
             server["rss_after_hold"] = rss_bytes(pids)
             server["cpu_percent_during_hold"] = round(
                 100 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0), 2
             )
+        if native:
+            workers.send_all("held")  # drops and pings counted up to here, before the check
+            workers.gather("held", timeout=30)
+            if args.verify and opened:
+                verify = _verify(workers, args, opened, ui)
         workers.send_all("close")
-        results = [r["result"] for r in workers.gather("result", timeout=60)]
+        results = [r["result"] for r in workers.gather("result", timeout=close_timeout + 60)]
     failures: dict[str, int] = {}
     hist = Histogram()
     for r in ramped:
@@ -188,6 +300,11 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             failures[cause] = failures.get(cause, 0) + count
     firsts = [r["first_failure"] for r in ramped if r["first_failure"]]
     first = min(firsts, key=lambda f: f["t"]) if firsts else None
+    ramp = _merge_timelines([r["timeline"] for r in ramped])
+    if first is not None:  # a worker counts its own connections; the report wants them all
+        first = dict(first, open=int(max((c for t, c in ramp if t <= first["t"]), default=0)))
+    if stopped_for_memory and (first is None or opened < n):
+        first = {"cause": "memory", "open": opened, "t": round(ramp_seconds, 3)}
     if pids and opened:
         server["rss_delta"] = server["rss_after_hold"] - server["rss_before"]
         server["bytes_per_connection"] = round(server["rss_delta"] / opened, 1)
@@ -203,37 +320,107 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "ramp_seconds": round(ramp_seconds, 4),
         "handshakes_per_s": round(opened / ramp_seconds, 1) if ramp_seconds else 0.0,
         "open_latency_us": hist.summary_us(),
-        "ramp": _merge_timelines([r["timeline"] for r in ramped]),
+        "ramp": ramp,
+        "ramp_rates": _ramp_rates(ramp),
         "hold_seconds": args.duration,
         "dropped_during_hold": sum(r["dropped"] for r in results),
         "pings_received": sum(r["pings_received"] for r in results),
         "unclosed": sum(r["unclosed"] for r in results),
+        "verify": verify,
         "processes": procs,
         "source_addresses": len(sources),
-        "stopped_by": sorted({r["stopped_by"] for r in ramped}),
+        "stopped_by": sorted({r["stopped_by"] for r in ramped} | ({"memory"} if stopped_for_memory else set())),
         "server": server,
+        "client": client,
     }
+
+
+def _verify(workers: Workers, args: Any, opened: int, ui: UI) -> dict[str, Any]:
+    """Every held connection sends one small message; count the echoes (after a one-connection probe)."""
+    timeout = args.open_timeout + opened / 5000
+    workers.send(0, "probe", timeout=timeout)
+    probe = workers.gather("probed", timeout=timeout + 30, which=[0])[0]
+    if not probe["echo"]:
+        ui.warn("the endpoint did not echo the probe once (not an echo endpoint?): held connections not checked")
+        return {"checked": False, "reason": "the endpoint does not echo"}
+    ui.start("checking", opened)
+    workers.send_all("verify", timeout=timeout)
+    got = workers.gather("verified", timeout=timeout + 30, tick=lambda: ui.update(workers.progress()))
+    ui.stop()
+    sent = sum(g["sent"] for g in got)
+    answered = sum(g["answered"] for g in got)
+    return {"checked": True, "sent": sent, "answered": answered, "silent": sent - answered}
+
+
+def _ramp_rates(ramp: list[list[float]]) -> dict[str, float]:
+    """Handshakes/s over the first and the last tenth of the connections opened (a ramp can slow down)."""
+    if len(ramp) < 3 or not ramp[-1][1]:
+        return {}
+    total = ramp[-1][1]
+
+    def time_at(count: float) -> float:
+        return next(t for t, c in ramp if c >= count)
+
+    t10, t90, t_end = time_at(0.1 * total), time_at(0.9 * total), time_at(total)
+    return {
+        "first_10_percent": round(0.1 * total / t10, 1) if t10 > 0 else 0.0,
+        "last_10_percent": round(0.1 * total / (t_end - t90), 1) if t_end > t90 else 0.0,
+    }
+
+
+def _ramp_rate_text(rates: dict[str, float]) -> str:
+    if not rates:
+        return "—"
+    return f"{num(rates['first_10_percent'])} / {num(rates['last_10_percent'])} /s"
+
+
+def _ramp_cpu(res: dict[str, Any]) -> str:
+    """Client and server CPU while ramping (percent of one core, all processes together)."""
+    cli = (res.get("client") or {}).get("cpu_percent_during_ramp")
+    srv = (res.get("server") or {}).get("cpu_percent_during_ramp")
+    text = f"client {cli:.0f} %" if cli is not None else "client ?"
+    return text + (f", server {srv:.0f} %" if srv is not None else "")
 
 
 def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:
     rows = [
         ("open connections", f"{num(res['opened'])} of {num(res['target'])}"),
         ("handshakes/s (ramp)", f"{num(res['handshakes_per_s'])} /s"),
+        ("CPU during the ramp", _ramp_cpu(res)),
         ("ramp time", f"{res['ramp_seconds']:.2f} s"),
+        ("handshakes/s, first / last 10 %", _ramp_rate_text(res.get("ramp_rates") or {})),
         ("open p50 / p99", f"{res['open_latency_us']['p50']:,.0f} / {res['open_latency_us']['p99']:,.0f} µs"),
+        ("client processes", f"{res['processes']} over {res['source_addresses']} source addresses"),
         ("held for", f"{res['hold_seconds']:g} s"),
         ("dropped while held", num(res["dropped_during_hold"])),
         ("server pings answered", num(res["pings_received"])),
     ]
+    if res.get("unclosed"):
+        rows.append(("closes not finished in time", num(res["unclosed"])))
+    ver = res.get("verify") or {}
+    if ver.get("checked"):
+        rows.append(("still echoing at the end", f"{num(ver['answered'])} of {num(ver['sent'])}"))
+    elif ver.get("reason"):
+        rows.append(("still echoing at the end", f"not checked: {ver['reason']}"))
     if res["failures"]:
         rows.append(("failures", ", ".join(f"{k}: {v}" for k, v in sorted(res["failures"].items()))))
+    if res["limit"]:
         rows.append(("first limit reached", res["limit"]))
     srv = res["server"]
     if "bytes_per_connection" in srv:
         rows += [
             ("server RSS before", f"{srv['rss_before'] / 2**20:,.1f} MiB"),
             ("server RSS after hold", f"{srv['rss_after_hold'] / 2**20:,.1f} MiB"),
-            ("bytes per connection", f"{num(srv['bytes_per_connection'])} B"),
+            ("server bytes per connection", f"{num(srv['bytes_per_connection'])} B"),
             ("server CPU while held", f"{srv['cpu_percent_during_hold']:.1f} %"),
         ]
+    cli = res.get("client") or {}
+    if "bytes_per_connection" in cli:
+        rows += [
+            ("client RSS after ramp", f"{cli['rss_after_ramp'] / 2**20:,.1f} MiB"
+             + (f" (PSS {cli['pss_after_ramp'] / 2**20:,.1f} MiB)" if cli.get("pss_after_ramp") else "")),
+            ("client bytes per connection", f"{num(cli['bytes_per_connection'])} B"),
+        ]
+    if "cpu_percent_during_hold" in cli:
+        rows.append(("client CPU while held", f"{cli['cpu_percent_during_hold']:.1f} %"))
     return rows

@@ -1,90 +1,79 @@
 """handshake: connect + upgrade + closing handshake, over and over, C at a time.
 
-Reports completed cycles per second, the time to open (TCP connect until the
-101 response is checked) as percentiles, and failures by cause.
+The loops run in the Cython engine (native.py): as soon as a connection is
+open it sends its close frame, and when the server has closed the TCP
+connection the next connect starts, with no Python call per cycle.  Reports
+completed cycles per second, the time to open (TCP connect until the 101
+response is checked) as percentiles, failures by cause, and closes that
+ended without the server's close frame.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 import time
 from typing import Any
 
-from fastws.bench.clients import open_ws
+from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
     ServerCPU,
     Workers,
-    classify_error,
+    client_report,
     parse_target,
-    process_cpu,
     source_addresses,
     split,
     wait_until,
+    worker_cpu,
 )
-from fastws.bench.throughput import _sleep_until, cpu_rows
+from fastws.bench.native import NativeClient, histogram, open_engine, use_native
+from fastws.bench.throughput import cpu_rows
 from fastws.bench.ui import UI, num
 
 
 async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"])
-    sources = p["sources"]
-    hist = Histogram()
-    failures: collections.Counter[str] = collections.Counter()
+    engine = open_engine(target, sources=p["sources"], source_offset=p["index"] * 7919,
+                         open_timeout=p["open_timeout"])
+    client = NativeClient(engine)
     ctl.send("ready")
     cmd = await ctl.recv()
     if cmd["type"] != "start":
+        client.detach()
         return {}
-    await _sleep_until(cmd["t_start"])
-    t_end = cmd["t_end"]
+    await asyncio.sleep(max(0.0, cmd["t_start"] - time.monotonic()))
+    cpu = CPUWindow()
+    cpu.start()
+    t0 = time.perf_counter()
     limit = p["count"]
-    done = 0
-    unclean = 0
-    seq = p["index"] * 7919
-    perf = time.perf_counter_ns
-
-    async def loop_one() -> None:
-        nonlocal done, unclean, seq
-        while time.monotonic() < t_end and (not limit or done < limit):
-            seq += 1
-            local = (sources[seq % len(sources)], 0) if sources else None
-            t0 = perf()
-            try:
-                conn = await open_ws(target, local_addr=local, open_timeout=p["open_timeout"])
-            except Exception as exc:
-                failures[classify_error(exc)] += 1
-                if sum(failures.values()) > p["max_failures"]:
-                    return
-                await asyncio.sleep(0.001)
-                continue
-            hist.record(perf() - t0)
-            await conn.close()
-            if conn.close_code != 1000:
-                unclean += 1
-            done += 1
-            ctl.progress(done)
-
-    t0, cpu0 = time.perf_counter(), process_cpu()
-    await asyncio.gather(*(loop_one() for _ in range(p["concurrency"])))
+    engine.cycle(p["concurrency"], cmd["t_end"], limit, p["max_failures"])
+    client.run_window(cmd["t_end"], lambda: ctl.progress(engine.cycles), **({"max_cycles": limit} if limit else {}))
+    engine.stop_ramp()  # no new cycle; the ones under way finish
+    await client.wait(lambda: engine.live == 0 and engine.in_progress == 0, p["open_timeout"])
     seconds = time.perf_counter() - t0
-    cpu = round(100 * (process_cpu() - cpu0) / seconds, 1) if seconds > 0 else 0.0
+    cpu.stop()
+    ctl.send("done")
+    ctl.progress(engine.cycles)
+    client.detach()
     return {
-        "done": done,
+        "done": engine.cycles,
         "seconds": seconds,
-        "cpu_percent": cpu,
-        "histogram": hist.to_json(),
-        "failures": dict(failures),
-        "unclean_close": unclean,
+        "cpu_percent": cpu.percent,
+        "busy_percent": cpu.busy,
+        "histogram": histogram(engine, "open").to_json(),
+        "failures": engine.failures(),
+        "unclean_close": engine.closed_unclean,
     }
 
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
     target = parse_target(args.url)
-    procs = max(1, min(args.processes, args.connections))
+    native = use_native(args, target, ui)
+    procs = max(1, min(args.processes or 1, args.connections))
     conc = split(args.connections, procs)
     sources = source_addresses(args.source_addresses) if target.loopback and args.source_addresses else []
     per_count = math.ceil(args.count / procs) if args.count else 0
@@ -97,10 +86,11 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             open_timeout=args.open_timeout,
             max_failures=args.max_failures,
             index=i,
+            cpu=worker_cpu(args, i),
         )
         for i, c in enumerate(conc)
     ]
-    with Workers(worker, params) as workers:
+    with Workers(worker if native else legacy.handshake_worker, params) as workers:
         workers.start()
         workers.gather("ready", timeout=30)
         start = time.monotonic() + 0.05
@@ -113,7 +103,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         server_cpu = ServerCPU(args.server_pid)
         wait_until(start, tick)
         server_cpu.start()
-        wait_until(start + args.duration, tick)
+        workers.gather("done", timeout=args.duration + 60, tick=tick)
         server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=args.duration + 60, tick=tick)]
     ui.stop()
@@ -127,7 +117,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     seconds = max((r["seconds"] for r in results), default=0.0)
     if done == 0:
         raise BenchError(f"no handshake with {args.url} succeeded: {failures or 'unknown error'}")
-    return {
+    out = {
         "handshakes": done,
         "seconds": round(seconds, 4),
         "handshakes_per_s": round(done / seconds, 1) if seconds else 0.0,
@@ -135,9 +125,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "histogram": hist.to_json(),
         "failures": failures,
         "unclean_close": sum(r["unclean_close"] for r in results),
-        "client_cpu_percent": [r["cpu_percent"] for r in results],
-        "server_cpu_percent": server_cpu.percent,
     }
+    out.update(client_report(args, results, server_cpu, native, unsaturated="bound by --connections loops"))
+    return out
 
 
 def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -1,150 +1,91 @@
 """latency: round trips with one message in flight per connection; HDR-style histogram of the RTT.
 
 Each connection sends a message, waits for its echo, records the round trip
-(perf_counter_ns, one Python call per message), and sends the next.
-Round trips that end during the warm-up are not recorded.
+and sends the next one: all of it in the Cython engine (CLOCK_MONOTONIC read
+when the echo is parsed and again right before the next send, into a C
+histogram with the same buckets as fastws.bench.common.Histogram), so the
+figure contains no Python call.  Round trips that end during the warm-up are
+not recorded.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-from fastws.bench.clients import DISCARD, Opener, close_all, connector
+from fastws.bench import legacy
 from fastws.bench.common import (
     BenchError,
+    CPUWindow,
     Ctl,
     Histogram,
     ServerCPU,
     Workers,
     client_params,
+    client_report,
     parse_target,
-    process_cpu,
+    payload_for,
     wait_until,
 )
-from fastws.bench.throughput import _sleep_until, cpu_rows, payload_for
+from fastws.bench.native import HOLD, PINGPONG, NativeClient, histogram, open_engine, use_native
+from fastws.bench.throughput import cpu_rows
 from fastws.bench.ui import UI, num
-
-
-class _PingPong:
-    """Drives one connection: send, wait for the echo, record, send again."""
-
-    __slots__ = (
-        "send",
-        "payload",
-        "hist",
-        "sent_at",
-        "measure_from",
-        "running",
-        "need",
-        "size",
-        "left",
-        "count",
-    )
-
-    def __init__(self, send: Any, payload: Any, hist: Histogram, size: int) -> None:
-        self.send = send
-        self.payload = payload
-        self.hist = hist
-        self.sent_at = 0
-        self.measure_from = 1 << 62
-        self.running = True
-        self.size = size
-        self.need = size  # raw: bytes still to come back for the current round trip
-        self.left = 0  # count bound (0: none)
-        self.count = 0
-
-    def go(self) -> None:
-        self.sent_at = time.perf_counter_ns()
-        self.send(self.payload)
-
-    def on_message(self, message: Any) -> None:
-        now = time.perf_counter_ns()
-        if now >= self.measure_from:
-            self.hist.record(now - self.sent_at)
-            self.count += 1
-            if self.left and self.count >= self.left:
-                self.running = False
-        if self.running:
-            self.sent_at = time.perf_counter_ns()
-            self.send(self.payload)
-
-    def on_raw(self, nbytes: int) -> None:
-        self.need -= nbytes
-        if self.need <= 0:
-            self.need += self.size
-            self.on_message(None)
 
 
 async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"], p["raw"])
-    raw = p["raw"]
-    payload = payload_for(p["size"], p["text"])
-    hist = Histogram()
-
-    open_one = connector(target, raw, p["open_timeout"], max_message_size=0, compression=p["compression"])
-
-    opener = Opener(
-        open_one,
+    n = p["connections"]
+    engine = open_engine(
+        target,
+        raw=p["raw"],
+        payload=payload_for(p["size"], p["text"]),
         sources=p["sources"],
-        concurrency=64,
-        max_failures=max(10, p["connections"]),
         source_offset=p["index"] * 7919,
+        open_timeout=p["open_timeout"],
     )
-    conns = await opener.run(p["connections"])
-    ctl.send("ready", opened=len(conns), failures=dict(opener.failures))
+    client = NativeClient(engine)
+    engine.ramp(n, concurrency=64, timeout=p["open_timeout"] * 3, max_failures=max(10, n))
+    await client.wait(lambda: engine.ramp_done)
+    ctl.send("ready", opened=engine.live, failures=engine.failures())
     cmd = await ctl.recv()
-    if cmd["type"] != "start" or not conns:
-        await close_all(conns, 2.0)
-        return {"histogram": hist.to_json(), "seconds": 0.0}
-    drivers = []
-    for c in conns:
-        if raw:
-            d = _PingPong(c.transport.write, payload, hist, p["size"])
-            c.on_data = d.on_raw
-        else:
-            d = _PingPong(c.writer.send, payload, hist, p["size"])
-            c.set_on_message(d.on_message)
-        d.measure_from = int(time.perf_counter_ns() + (cmd["t_measure"] - time.monotonic()) * 1e9)
-        if p["count"]:
-            d.left = max(1, p["count"] // len(conns))
-        drivers.append(d)
-    for d in drivers:
-        d.go()
+    if cmd["type"] != "start" or not engine.live:
+        await client.close(2.0)
+        return {"histogram": Histogram().to_json(), "seconds": 0.0}
+    # CLOCK_MONOTONIC is what time.monotonic() reads: the parent's t_measure in the engine's clock.
+    engine.set_measure_from(int(cmd["t_measure"] * 1e9), p["count"])
+    engine.set_mode(PINGPONG, refill=True)
+    engine.send_all(1)
 
-    async def report() -> None:
-        while True:
-            ctl.progress(hist.total)
-            await asyncio.sleep(0.2)
+    def progress() -> None:
+        ctl.progress(engine.round_trips)
 
-    reporter = asyncio.ensure_future(report())
-    await _sleep_until(cmd["t_measure"])
-    t0, cpu0 = time.perf_counter(), process_cpu()
-    while time.monotonic() < cmd["t_end"] and any(d.running for d in drivers):
-        await asyncio.sleep(min(0.01, max(0.0, cmd["t_end"] - time.monotonic())))
-    t1, cpu1 = time.perf_counter(), process_cpu()
-    for d in drivers:
-        d.running = False
-    reporter.cancel()
-    ctl.progress(hist.total)
-    for c in conns:
-        if not raw:
-            c.set_on_message(DISCARD)
-    await asyncio.sleep(0.02)
-    await close_all(conns, 2.0)
+    client.run_window(cmd["t_measure"], progress)
+    cpu = CPUWindow()
+    cpu.start()
+    t0 = time.perf_counter()
+    limits = {"max_round_trips": p["count"]} if p["count"] else {}
+    client.run_window(cmd["t_end"], progress, **limits)
+    t1 = time.perf_counter()
+    cpu.stop()
+    ctl.send("done")
+    progress()
+    engine.set_mode(HOLD)  # the last echoes are not answered
+    await client.wait(lambda: engine.received >= engine.sent, 2.0)
+    await client.close(2.0)
     return {
-        "histogram": hist.to_json(),
+        "histogram": histogram(engine, "round_trip").to_json(),
         "seconds": t1 - t0,
-        "opened": len(conns),
-        "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1) if t1 > t0 else 0.0,
+        "opened": engine.opened,
+        "cpu_percent": cpu.percent,
+        "busy_percent": cpu.busy,
     }
 
 
 def run(args: Any, ui: UI) -> dict[str, Any]:
     target = parse_target(args.url, args.raw)
+    native = use_native(args, target, ui)
     params = client_params(args, target)
-    with Workers(worker, params) as workers:
+    with Workers(worker if native else legacy.latency_worker, params) as workers:
         workers.start()
         ready = workers.gather("ready", timeout=args.open_timeout * 3 + 30)
         opened = sum(r["opened"] for r in ready)
@@ -166,7 +107,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         server_cpu = ServerCPU(args.server_pid)
         wait_until(start + args.warmup, tick)
         server_cpu.start()
-        wait_until(start + total, tick)
+        workers.gather("done", timeout=total + 60, tick=tick)
         server_cpu.stop()
         results = [r["result"] for r in workers.gather("result", timeout=total + 60, tick=tick)]
     ui.stop()
@@ -176,7 +117,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     seconds = max((r["seconds"] for r in results), default=0.0)
     if hist.total == 0:
         raise BenchError(f"no round trip completed against {args.url}")
-    return {
+    out = {
         "round_trips": hist.total,
         "seconds": round(seconds, 4),
         "round_trips_per_s": round(hist.total / seconds, 1) if seconds else 0.0,
@@ -184,9 +125,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "histogram": hist.to_json(),
         "connections_opened": opened,
         "failures": failures,
-        "client_cpu_percent": [r.get("cpu_percent", 0.0) for r in results],
-        "server_cpu_percent": server_cpu.percent,
     }
+    out.update(client_report(args, results, server_cpu, native))
+    return out
 
 
 def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:
