@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -240,11 +241,15 @@ async def rooms_commands(websocket: WebSocket) -> None:
         "send_to_user": lambda c: hub.send_to_user(c["user"], c["message"]),
         "members": lambda c: hub.members(c["room"]),
         "whoami": lambda c: {"pid": os.getpid(), "id": hub.id, "user": hub.user, "rooms": sorted(hub.joined)},
+        "synced": lambda c: hub.synced(),
     }
     try:
         async for text in websocket.iter_text():
             command = json.loads(text)
-            await websocket.send_json({"ok": ops[command["op"]](command)})
+            result = ops[command["op"]](command)
+            if inspect.isawaitable(result):
+                result = await result
+            await websocket.send_json({"ok": result})
     except WebSocketDisconnect:
         pass
 

@@ -200,6 +200,7 @@ async def test_rooms_across_two_workers(redis_url: str) -> None:
         (a1, a2, *_), (b1, b2, *_) = by_worker.values()
         for member in (a1, b1):
             assert await member.do("join", room="across") is True
+            await member.do("synced")  # its worker has told Redis: the other one may publish now
         assert await a1.do("publish", room="across", message="from worker A") == 1  # local deliveries
         await a1.expect("from worker A")
         await b1.expect("from worker A")
@@ -208,6 +209,8 @@ async def test_rooms_across_two_workers(redis_url: str) -> None:
         await b1.expect("from worker B")
         await a2.do("set_user", user="dana")
         await b2.do("set_user", user="dana")
+        for member in (a2, b2):
+            await member.do("synced")
         await a1.do("send_to_user", user="dana", message="for dana")
         await a2.expect("for dana")
         await b2.expect("for dana")
@@ -238,6 +241,7 @@ async def test_binary_publications_cross_workers_as_binary(redis_url: str) -> No
         assert len(seen) == 2, "every connection went to the same worker"
         a, b = seen.values()
         await b.do("join", room="bin")
+        await b.do("synced")
         await a.do("publish_bytes", room="bin", message="bytes, not text")
         await b.expect(b"bytes, not text")
         for ws in opened:

@@ -12,11 +12,8 @@ from fastws.protocol import (
     CLOSED,
     CLOSING,
     OPEN,
-    PING,
-    TIMEOUT,
     Inbox,
     WebSocketProtocol,
-    keepalive_step,
     truncate_reason,
 )
 
@@ -173,23 +170,6 @@ def test_connection_closed_error_carries_both_frames() -> None:
     assert isinstance(exc, ConnectionClosed) and exc.code == 1009 and exc.sent == (1009, "too big")
 
 
-# -- keepalive ---------------------------------------------------------------------------------------
-
-
-def test_keepalive_step() -> None:
-    # silent for the interval: ping, look again after the timeout
-    assert keepalive_step(20.0, 0.0, 0.0, 20.0, 10.0) == (PING, 30.0)
-    # not yet
-    assert keepalive_step(10.0, 0.0, 0.0, 20.0, 10.0) == (0, 20.0)
-    # pinged at 20, nothing since: wait until 30, then time out
-    assert keepalive_step(25.0, 0.0, 20.0, 20.0, 10.0) == (0, 30.0)
-    assert keepalive_step(30.0, 0.0, 20.0, 20.0, 10.0) == (TIMEOUT, None)
-    # the pong came at 20 (any read counts): next ping due at 40
-    assert keepalive_step(30.0, 20.0, 20.0, 20.0, 10.0) == (0, 40.0)
-    # pings off
-    assert keepalive_step(100.0, 0.0, 0.0, None, 10.0) == (0, None)
-
-
 # -- the inbox ---------------------------------------------------------------------------------------
 
 
@@ -221,10 +201,3 @@ async def test_inbox_get_without_messages_waits() -> None:
     assert inbox.waiting and not waiter.done()
     inbox.put(b"x")
     assert await waiter == b"x"
-
-
-def test_keepalive_without_a_timeout_pings_every_interval() -> None:
-    # uvicorn's ws_ping_timeout=None: an unanswered ping never fails, the next comes an interval on
-    assert keepalive_step(20.0, 0.0, 0.0, 20.0, None) == (PING, 40.0)
-    assert keepalive_step(40.0, 0.0, 20.0, 20.0, None) == (PING, 60.0)
-    assert keepalive_step(30.0, 0.0, 20.0, 20.0, None) == (0, 40.0)

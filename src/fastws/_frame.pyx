@@ -1712,3 +1712,218 @@ def fanout(list targets, bytes frame, exclude=None):
             core._fanout_write(frame)
         delivered += 1
     return delivered, others if others is not None else []
+
+
+# --------------------------------------------------------------------------
+# Keepalive: a hashed timer wheel of sessions, run in C (fastws.keepalive drives it)
+
+cdef class _Slot:
+    """The members due at one tick, linked through their ka_prev / ka_next; ``ping_sent`` is when
+    they were pinged (0: they were not)."""
+
+    cdef readonly long long tick
+    cdef readonly double ping_sent
+    cdef object first
+    cdef readonly Py_ssize_t size
+
+    def __len__(self):
+        return self.size
+
+
+cdef inline object _get_next(object m):
+    return (<SessionCore>m).ka_next if isinstance(m, SessionCore) else m.ka_next
+
+
+cdef inline void _set_links(object m, object slot, object prev, object nxt):
+    if isinstance(m, SessionCore):
+        (<SessionCore>m).ka_bucket = slot
+        (<SessionCore>m).ka_prev = prev
+        (<SessionCore>m).ka_next = nxt
+    else:
+        m.ka_bucket = slot
+        m.ka_prev = prev
+        m.ka_next = nxt
+
+
+cdef class KeepaliveWheel:
+    """Sessions filed by the tick at which they next need a look; ``run(now)`` looks at the due ones.
+
+    Any byte from a peer counts as a sign of life (the wire core stamps each read
+    with set_clock's time).  A peer silent for ``interval`` (less a random 0-10 %,
+    so that a crowd that connected together does not ping together) gets the
+    pre-built ``ping`` frame, written in C; one still silent ``timeout`` after the
+    ping, or without a data message for ``idle``, is handed back to the caller
+    to close.  Members are server sessions (SessionCore, handled without a
+    Python call) or any object with closed, last_read, last_message, send_frame
+    and ka_bucket / ka_prev / ka_next attributes (the ASGI protocol).
+    """
+
+    cdef readonly double resolution
+    cdef double _interval             # 0: no pings
+    cdef double _timeout              # 0: an unanswered ping never fails
+    cdef double _idle                 # 0: no idle timeout
+    cdef long long _tick
+    cdef dict _slots                  # (tick, ping_sent) -> _Slot
+    cdef dict _due                    # tick -> [_Slot]
+    cdef bytes _ping
+    cdef unsigned long long _rng
+    cdef readonly unsigned long long pings
+    cdef readonly Py_ssize_t size
+
+    def __init__(self, double resolution, double now, *, interval=None, timeout=None, idle=None,
+                 bytes ping=b"\x89\x00"):
+        self.resolution = resolution
+        self._interval = interval or 0.0
+        self._timeout = timeout or 0.0
+        self._idle = idle or 0.0
+        self._tick = <long long>(now / resolution)
+        self._slots = {}
+        self._due = {}
+        self._ping = ping
+        self._rng = 0x9E3779B97F4A7C15 ^ <unsigned long long>(now * 1000)
+
+    cdef inline double _jitter(self) noexcept:
+        """A number in [0, 1): xorshift64*, plenty for spreading pings."""
+        self._rng ^= self._rng >> 12
+        self._rng ^= self._rng << 25
+        self._rng ^= self._rng >> 27
+        return <double>((self._rng * 0x2545F4914F6CDD1DULL) >> 11) / 9007199254740992.0
+
+    cdef inline double _next_ping(self, double last_read):
+        if self._interval == 0:
+            return 0
+        return last_read + self._interval * (1.0 - 0.1 * self._jitter())
+
+    cdef int _file(self, object member, double when, double ping_sent) except -1:
+        cdef long long tick = <long long>(when / self.resolution) + 1
+        cdef _Slot slot
+        cdef tuple key
+        if tick <= self._tick:
+            tick = self._tick + 1
+        key = (tick, ping_sent)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = _Slot.__new__(_Slot)
+            slot.tick = tick
+            slot.ping_sent = ping_sent
+            self._slots[key] = slot
+            bucket = self._due.get(tick)
+            if bucket is None:
+                self._due[tick] = [slot]
+            else:
+                bucket.append(slot)
+        _set_links(member, slot, None, slot.first)
+        if slot.first is not None:
+            if isinstance(slot.first, SessionCore):
+                (<SessionCore>slot.first).ka_prev = member
+            else:
+                slot.first.ka_prev = member
+        slot.first = member
+        slot.size += 1
+        self.size += 1
+        return 0
+
+    def add(self, member, double now):
+        """File a new member: its first look is an interval (or the idle timeout) from now."""
+        cdef double when = self._next_ping(now)
+        if self._idle and (when == 0 or now + self._idle < when):
+            when = now + self._idle
+        if when:
+            self._file(member, when, 0.0)
+
+    def remove(self, member):
+        """Take a member out (its connection ended)."""
+        cdef _Slot slot = member.ka_bucket
+        if slot is None:
+            return
+        prev = member.ka_prev
+        nxt = member.ka_next
+        if prev is None:
+            slot.first = nxt
+        elif isinstance(prev, SessionCore):
+            (<SessionCore>prev).ka_next = nxt
+        else:
+            prev.ka_next = nxt
+        if nxt is not None:
+            if isinstance(nxt, SessionCore):
+                (<SessionCore>nxt).ka_prev = prev
+            else:
+                nxt.ka_prev = prev
+        _set_links(member, None, None, None)
+        slot.size -= 1
+        self.size -= 1
+
+    def run(self, double now):
+        """Look at every member due by ``now``: ping the silent ones (in C), file each again.
+
+        Returns (timed_out, idle): the members to close, whose keepalive ends here.
+        """
+        cdef list timed_out = None, idle = None
+        cdef long long target = <long long>(now / self.resolution)
+        cdef _Slot slot
+        cdef object member, nxt
+        cdef double last_read, last_message, ping_sent, when
+        cdef SessionCore core
+        cdef bint closed
+        while self._tick < target:
+            self._tick += 1
+            for slot in self._due.pop(self._tick, ()):
+                del self._slots[(slot.tick, slot.ping_sent)]
+                ping_sent = slot.ping_sent
+                member = slot.first
+                slot.first = None
+                while member is not None:
+                    nxt = _get_next(member)
+                    _set_links(member, None, None, None)
+                    self.size -= 1
+                    if isinstance(member, SessionCore):
+                        core = <SessionCore>member
+                        closed = core._state != OPEN_STATE
+                        last_read = core._last_read
+                        last_message = core._last_message
+                    else:
+                        closed = member.closed
+                        if not closed:
+                            last_read = member.last_read
+                            last_message = member.last_message
+                    if not closed:  # (a closing member's close deadline ends it)
+                        if self._idle and now - last_message >= self._idle:
+                            if idle is None:
+                                idle = []
+                            idle.append(member)
+                        elif ping_sent and last_read < ping_sent and self._timeout:
+                            # a ping is out and nothing came since
+                            if now >= ping_sent + self._timeout:
+                                if timed_out is None:
+                                    timed_out = []
+                                timed_out.append(member)
+                            else:
+                                self._file(member, ping_sent + self._timeout, ping_sent)
+                        elif self._interval and now >= max(last_read, ping_sent) + 0.9 * self._interval:
+                            # silent long enough (pings are filed up to 10 % early: jitter)
+                            self._ping_member(member)
+                            self.pings += 1
+                            when = now + (self._timeout if 0 < self._timeout < self._interval else self._interval)
+                            self._file(member, when, now)
+                        else:
+                            # the next ping is due an interval after the last sign of life (or after
+                            # the last ping, when an unanswered one never fails)
+                            when = self._next_ping(max(last_read, ping_sent))
+                            if self._idle and (when == 0 or last_message + self._idle < when):
+                                when = last_message + self._idle
+                            if when:
+                                self._file(member, when, 0.0)
+                    member = nxt
+        return timed_out or [], idle or []
+
+    cdef int _ping_member(self, object member) except -1:
+        cdef SessionCore core
+        if isinstance(member, SessionCore):
+            core = <SessionCore>member
+            if core._paused & PAUSED_WRITING:
+                core.send_frame(self._ping)  # the slow-consumer policy decides
+            else:
+                core._fanout_write(self._ping)
+        else:
+            member.send_frame(self._ping)
+        return 0

@@ -147,6 +147,13 @@ class Hub:
             self.backplane.broadcast(message)
         return self._deliver(self.sessions.values(), message, exclude)
 
+    async def synced(self) -> None:
+        """Wait until the backplane has handed every membership change and publication so far to
+        the broker (nothing to wait for without one)."""
+        synced = getattr(self.backplane, "synced", None)
+        if synced is not None:
+            await synced()
+
     # what the backplane brings from other nodes: delivered to the local sessions only
 
     def deliver_room(self, room: str, message: str | bytes) -> int:

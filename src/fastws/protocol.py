@@ -259,32 +259,8 @@ class WebSocketProtocol:
             self._abort_transport()
 
 
-# -- keepalive -------------------------------------------------------------------------------
-
-PING, TIMEOUT = 1, 2
-
-
-def keepalive_step(now: float, last_read: float, ping_sent: float, ping_interval: float | None,
-                   ping_timeout: float | None) -> tuple[int, float | None]:
-    """What keepalive does for one connection at ``now``: (action, when to look again).
-
-    Any byte from the peer counts as a sign of life.  A peer silent for
-    ``ping_interval`` gets a ping (action PING); one that stays silent for
-    ``ping_timeout`` after it has failed (TIMEOUT); with ``ping_timeout`` None it
-    is pinged again every interval and never fails.  ``ping_sent`` is 0 when no
-    ping is outstanding.  The next time is None when nothing is scheduled.
-    """
-    if ping_sent and last_read < ping_sent and ping_timeout is not None:  # a ping is out, nothing since
-        if now >= ping_sent + ping_timeout:
-            return TIMEOUT, None
-        return 0, ping_sent + ping_timeout
-    # (without a ping_timeout an unanswered ping never fails: the next is due an interval later)
-    if not ping_interval:
-        return 0, None
-    due = max(last_read, ping_sent) + ping_interval
-    if now >= due:
-        return PING, now + (ping_timeout if ping_timeout is not None else ping_interval)
-    return 0, due
+# Keepalive (pings, timeouts, idle closes) is fastws._frame.KeepaliveWheel's, driven by
+# fastws.keepalive: the same for the server's sessions and the ASGI protocol.
 
 
 # -- the inbox: messages waiting for recv() ---------------------------------------------------

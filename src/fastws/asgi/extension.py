@@ -34,15 +34,13 @@ from fastws.hub import Hub
 if TYPE_CHECKING:
     from fastws.backplane.redis import RedisBackplane
 
-__all__ = ["EXTENSION", "Rooms", "rooms", "hub", "start_backplane", "stop_backplane", "REDIS_URL_ENV",
-           "USER_ROOM"]
+__all__ = ["EXTENSION", "Rooms", "rooms", "hub", "start_backplane", "stop_backplane", "REDIS_URL_ENV"]
 
 log = logging.getLogger("fastws.asgi")
 
 EXTENSION = "fastws.hub"  # the scope["extensions"] key
 REDIS_URL_ENV = "FASTWS_REDIS_URL"
 REDIS_PREFIX_ENV = "FASTWS_REDIS_PREFIX"  # channel prefix (default "fastws:")
-USER_ROOM = "@user:"  # send_to_user goes to the room USER_ROOM + str(user): so it crosses nodes
 
 _hub: Hub | None = None
 _backplane: RedisBackplane | None = None
@@ -155,18 +153,16 @@ class Rooms:
 
     def set_user(self, user: Any) -> bool:
         """Tag this connection as ``user``'s (a user may have many); False if it is not open."""
-        previous = self._connection.user
-        if not hub().set_user(self._connection, user):
-            return False
-        if previous is not None:
-            self.leave(USER_ROOM + str(previous))
-        if user is not None:
-            self.join(USER_ROOM + str(user))
-        return True
+        return hub().set_user(self._connection, user)
 
     def send_to_user(self, user: Any, message: str | bytes) -> int:
         """Send ``message`` to every connection of ``user`` (on every node, given a backplane)."""
-        return hub().publish(USER_ROOM + str(user), message)
+        return hub().send_to_user(user, message)
+
+    async def synced(self) -> None:
+        """Wait until joins and publications so far have reached the backplane's broker: a member
+        who joined on one worker can then be sure to get what another worker publishes next."""
+        await hub().synced()
 
     def members(self, room: str) -> int:
         """How many connections of this process are in ``room``."""

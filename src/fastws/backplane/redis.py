@@ -128,6 +128,21 @@ class RedisBackplane:
     def local_user(self, user: str, present: bool) -> None:
         self._queue("member", USER, user, present)
 
+    async def synced(self) -> None:
+        """Wait until everything queued so far (memberships, publications) has been handed to Redis.
+
+        A join is registered asynchronously: a publication from another node a moment later may
+        not see it yet (pub/sub has the same race with SUBSCRIBE).  Await this after joining when
+        that moment matters."""
+        if not self.connected.is_set():
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._pending.put_nowait(("sync", None, None, done, time.monotonic()))
+        except asyncio.QueueFull:
+            return
+        await done
+
     def _queue(self, what: str, kind: Any, name: Any, arg: Any) -> None:
         """Never blocks the event loop on Redis: the sender task takes it from here."""
         if what == "send" and not self.connected.is_set():
@@ -152,18 +167,25 @@ class RedisBackplane:
             batch = [first]
             while len(batch) < MAX_BATCH and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
-            if not self.connected.is_set():  # what we have is registered again on reconnect; sends go
-                self.stats["dropped"] += sum(1 for item in batch if item[0] == "send")
-                continue
             try:
-                await self._send_batch(batch)
-            except (OSError, aioredis.RedisError) as exc:
-                self.stats["dropped"] += sum(1 for item in batch if item[0] == "send")
-                self._throttle.log(logging.WARNING, "publish", "backplane: sending to %s failed: %s", self.url, exc)
+                if not self.connected.is_set():  # what we have is registered again on reconnect; sends go
+                    self.stats["dropped"] += sum(1 for item in batch if item[0] == "send")
+                    continue
+                try:
+                    await self._send_batch(batch)
+                except (OSError, aioredis.RedisError) as exc:
+                    self.stats["dropped"] += sum(1 for item in batch if item[0] == "send")
+                    self._throttle.log(logging.WARNING, "publish", "backplane: sending to %s failed: %s",
+                                       self.url, exc)
+            finally:
+                for what, _, _, arg, _ in batch:
+                    if what == "sync" and not arg.done():
+                        arg.set_result(None)
 
     async def _send_batch(self, batch: list[Any]) -> None:
         assert self._redis is not None
         # where unknown rooms/users have members: one pipeline of SMEMBERS first
+        batch = [item for item in batch if item[0] != "sync"]
         unknown = list({(kind, name) for what, kind, name, _, _ in batch
                         if what == "send" and kind != ALL and (kind, name) not in self._where})
         if unknown:
@@ -184,6 +206,8 @@ class RedisBackplane:
             finally:
                 for key in unknown:
                     self._fetching.pop(key, None)
+        if not batch:
+            return
         self.lag_ms = (time.monotonic() - batch[0][4]) * 1000
         async with self._redis.pipeline(transaction=False) as pipe:
             sends = 0
