@@ -587,8 +587,7 @@ cdef class _Wire:
     # -- the reader half ---------------------------------------------------------
     # (control frames, errors and the writer to cork go through the cdef methods _target,
     # _report_error, _pong and _read_writer: FrameReader keeps its own fields for them)
-    cdef object _on_message         # called with each message (or with _msg_self and the message)
-    cdef object _msg_self
+    cdef object _on_message         # called with each message
     cdef object _pending_close      # (code, reason) of a close frame, handed over after the flush
     cdef object _inflate
     cdef unsigned char _is_server
@@ -809,10 +808,7 @@ cdef class _Wire:
     cdef int _deliver_message(self, object message) except -1:
         self._messages += 1
         self._last_message = _clock
-        if self._msg_self is None:
-            self._on_message(message)
-        else:
-            self._on_message(self._msg_self, message)  # a plain function and its endpoint: no bound method
+        self._on_message(message)
         return 0
 
     cdef int _report_error(self, object exc) except -1:
@@ -1369,7 +1365,6 @@ cdef class FrameReader(_Wire):
     @on_message.setter
     def on_message(self, value):
         self._on_message = value
-        self._msg_self = None
 
     @property
     def on_pong(self):
@@ -1485,6 +1480,7 @@ cdef class SessionCore(_Wire):
     cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
     cdef public bint _async_messages # messages queue for an async on_message
     cdef unsigned char _queued       # messages go to the inbox (async code takes them)
+    cdef unsigned char _to_endpoint  # messages go to _on_message(endpoint, message)
     # the close state machine's fields (fastws.protocol.WebSocketProtocol)
     cdef public int _state
     cdef public bint _close_sent
@@ -1519,10 +1515,11 @@ cdef class SessionCore(_Wire):
         self._max_frames = max_frames_per_read
         self._last_read = self._last_message = now
 
-    def _deliver_to(self, func, first=None):
-        """Messages go to ``func(message)``, or to ``func(first, message)`` (a function and its endpoint)."""
+    def _deliver_to(self, func, bint with_endpoint=False):
+        """Messages go to ``func(message)``, or to ``func(self.endpoint, message)`` (the endpoint
+        class's plain function: no bound method is kept per connection)."""
         self._on_message = func
-        self._msg_self = first
+        self._to_endpoint = with_endpoint
         self._queued = False
 
     def _deliver_to_inbox(self):
@@ -1530,6 +1527,11 @@ cdef class SessionCore(_Wire):
         self._queued = True
 
     cdef int _deliver_message(self, object message) except -1:
+        if self._to_endpoint:
+            self._messages += 1
+            self._last_message = _clock
+            self._on_message(self.endpoint, message)
+            return 0
         if not self._queued:
             return _Wire._deliver_message(self, message)
         self._messages += 1

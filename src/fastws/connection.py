@@ -142,7 +142,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         func = getattr(type(endpoint), "on_message", None)
         bound = endpoint.on_message
         if isinstance(func, types.FunctionType) and getattr(bound, "__func__", None) is func:
-            self._deliver_to(func, endpoint)  # the class's function, called with the endpoint: no bound method
+            self._deliver_to(func, True)  # the class's function, called with the endpoint: no bound method
         else:
             self._deliver_to(bound)
 
