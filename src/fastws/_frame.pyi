@@ -51,6 +51,11 @@ class FrameReader:
     last_read: float  # set_clock()'s value at the last read
     last_message: float  # set_clock()'s value when the last data message was delivered
     max_frames_per_read: int  # 0: no cap; else parsing stops there, on_backlog() is called, resume() goes on
+    # read-only traffic counters (payload bytes as on the wire, i.e. compressed when compressed)
+    text_in: int
+    text_bytes_in: int
+    binary_in: int
+    binary_bytes_in: int
     def stop(self) -> None: ...  # ignore all further input (free the buffers)
     def resume(self) -> None: ...  # parse what the frame cap left buffered
     def set_inflate(self, inflate: Callable[[bytes], bytes] | None) -> None: ...
@@ -67,6 +72,11 @@ class FrameWriter:
 
     compress_threshold: int
     fragment_size: int  # 0: one frame per message; else split messages into frames of this size
+    # read-only traffic counters (send and send_raw; payload bytes as on the wire)
+    text_out: int
+    text_bytes_out: int
+    binary_out: int
+    binary_bytes_out: int
     def __init__(
         self,
         write: Callable[[bytes], object],

@@ -375,6 +375,23 @@ def encode_frame(int opcode, payload, *, bint fin=True, bint rsv1=False, bint ma
         PyBuffer_Release(&view)
 
 
+cdef Py_ssize_t frame_payload_length(bytes frame):
+    """The payload length in an encoded (unmasked) frame's header; 0 if the header is cut short."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(frame)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+    cdef Py_ssize_t length = p[1] & 0x7F
+    cdef int i
+    if length == 126:
+        return (p[2] << 8 | p[3]) if size >= 4 else 0
+    if length == 127:
+        if size < 10:
+            return 0
+        length = 0
+        for i in range(2, 10):
+            length = (length << 8) | p[i]
+    return length
+
+
 cdef class FrameWriter:
     """Encodes frames for one connection and hands them to ``write``.
 
@@ -394,6 +411,8 @@ cdef class FrameWriter:
     cdef Py_ssize_t _out_cap
     cdef public Py_ssize_t compress_threshold
     cdef public Py_ssize_t fragment_size
+    # traffic counters, read at scrape time (fastws.metrics): messages and payload bytes sent
+    cdef readonly Py_ssize_t text_out, text_bytes_out, binary_out, binary_bytes_out
 
     def __cinit__(self):
         self._out = NULL
@@ -506,6 +525,14 @@ cdef class FrameWriter:
             self._flush()
         return 0
 
+    cdef inline void _count_out(self, int opcode, Py_ssize_t n):
+        if opcode == OPC_TEXT:
+            self.text_out += 1
+            self.text_bytes_out += n
+        elif opcode == OPC_BINARY:
+            self.binary_out += 1
+            self.binary_bytes_out += n
+
     cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner) except -1:
         cdef bint rsv1 = False
         cdef Py_ssize_t step, off
@@ -515,6 +542,7 @@ cdef class FrameWriter:
             data = PyBytes_AS_STRING(owner)
             n = PyBytes_GET_SIZE(owner)
             rsv1 = True
+        self._count_out(opcode, n)
         step = self.fragment_size
         if step <= 0 or n <= step:
             return self._emit(opcode, data, n, True, rsv1, owner)
@@ -554,6 +582,8 @@ cdef class FrameWriter:
     cpdef send_raw(self, bytes frame):
         """Write an already-encoded frame (broadcast: encoded once for many)."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        if n >= 2:  # count it by its header: opcode, then the 7-bit, 16-bit or 64-bit length
+            self._count_out((<uint8_t *>PyBytes_AS_STRING(frame))[0] & 0x0F, frame_payload_length(frame))
         if self._cork_depth == 0:
             self._write(frame)
             return
@@ -649,6 +679,8 @@ cdef class FrameReader:
     cdef public object on_pong       # None: pongs are only counted as reads
     cdef public Py_ssize_t max_frames_per_read  # 0: no cap; else the rest waits for resume()
     cdef bint _backlog               # the cap stopped a parse: the handler was told (on_backlog)
+    # traffic counters, read at scrape time (fastws.metrics): messages and payload bytes received
+    cdef readonly Py_ssize_t text_in, text_bytes_in, binary_in, binary_bytes_in
 
     def __cinit__(self):
         self._buf = NULL
@@ -805,6 +837,8 @@ cdef class FrameReader:
                 self._deliver(OPC_TEXT, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), False)
             else:
                 self.messages += 1
+                self.binary_in += 1
+                self.binary_bytes_in += PyBytes_GET_SIZE(message)
                 self.last_message = _clock
                 self.on_message(message)  # the very object the payload was read into: no copy
         finally:
@@ -1071,6 +1105,12 @@ cdef class FrameReader:
                 raise ProtocolError(1007, "invalid UTF-8 in text message") from None
         else:
             message = PyBytes_FromStringAndSize(data, n)
+        if opcode == OPC_TEXT:
+            self.text_in += 1
+            self.text_bytes_in += n
+        else:
+            self.binary_in += 1
+            self.binary_bytes_in += n
         self.messages += 1
         self.last_message = _clock
         self.on_message(message)

@@ -39,6 +39,7 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
         "id", "request", "remote", "subprotocol", "user", "state", "rooms", "endpoint",
         "get_buffer", "buffer_updated", "_server", "_transport", "_reader", "_writer", "_paused", "_drain",
         "_inbox", "_on_message", "_task", "_deflate", "keepalive_slot", "__weakref__",
+        "opened_at",
     )
 
     is_server = True
@@ -65,6 +66,7 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
         self._deflate = deflate
         self._reader: FrameReader | None = None
         self._writer: FrameWriter | None = None
+        self.opened_at = server.loop.time()  # for the access log's duration
 
     @property
     def close_timeout(self) -> float:  # type: ignore[override]
@@ -359,6 +361,16 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
     @property
     def messages_received(self) -> int:
         return self._reader.messages if self._reader is not None else 0
+
+    @property
+    def traffic(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """The wire core's counters: text messages, text bytes, binary messages, binary bytes
+        received, then the same four sent (payload bytes; read by the access log and /metrics)."""
+        r, w = self._reader, self._writer
+        if r is None or w is None:
+            return (0, 0, 0, 0, 0, 0, 0, 0)
+        return (r.text_in, r.text_bytes_in, r.binary_in, r.binary_bytes_in,
+                w.text_out, w.text_bytes_out, w.binary_out, w.binary_bytes_out)
 
     @property
     def last_read(self) -> float:

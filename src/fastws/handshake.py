@@ -27,7 +27,9 @@ __all__ = [
     "HeadParser",
     "DeflateOptions",
     "Accepted",
+    "Upgrade",
     "is_websocket_upgrade",
+    "negotiate",
     "accept",
     "http_response",
     "error_response",
@@ -43,19 +45,23 @@ class Headers:
     """Case-insensitive multi-map of header fields; keeps order and original names.
 
     Iteration and len() are over header *lines* (a repeated name appears twice).
-    A session keeps its request's headers packed into one bytes object
-    (``packed()``), parsed again on each access: an idle connection then pays
-    a few hundred bytes for them instead of two small objects per field.
+    Lookups go through an index by lower-case name, built on the first one (a
+    handshake looks up a dozen names).  A session keeps its request's headers
+    packed into one bytes object (``packed()``), parsed again on each access: an
+    idle connection then pays a few hundred bytes for them instead of two small
+    objects per field.
     """
 
-    __slots__ = ("_items", "_packed")
+    __slots__ = ("_items", "_packed", "_index")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] | None = list(items)
         self._packed: bytes = b""
+        self._index: dict[str, list[str]] | None = None
 
     def add(self, name: str, value: str) -> None:
         self._pairs().append((name, value))
+        self._index = None
 
     def packed(self) -> Headers:
         """A read-only copy stored compactly (values are latin-1, so this round-trips)."""
@@ -70,23 +76,34 @@ class Headers:
         fields = self._packed.decode("latin-1").split("\0")
         return list(zip(fields[0:-1:2], fields[1:-1:2], strict=True))
 
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for k, v in self._pairs():
+                key = k.lower()
+                values = index.get(key)
+                if values is None:
+                    index[key] = [v]
+                else:
+                    values.append(v)
+            if self._items is not None:  # a packed copy stays small: no index kept
+                self._index = index
+        return index
+
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``."""
-        key = name.lower()
-        for k, v in self._pairs():
-            if k.lower() == key:
-                return v
-        return default
+        values = self._lookup().get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        key = name.lower()
-        return [v for k, v in self._pairs() if k.lower() == key]
+        return list(self._lookup().get(name.lower(), ()))
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._pairs())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and name.lower() in self._lookup()
 
     def __len__(self) -> int:
         return len(self._pairs())
@@ -168,6 +185,11 @@ class HeadParser:
         self._error: HandshakeError | None = None
         self._request: Request | None = None
         self.rest = b""
+
+    @property
+    def idle(self) -> bool:
+        """No byte of a request has arrived yet."""
+        return self._size == 0 and self._request is None
 
     def feed(self, data: bytes | bytearray | memoryview) -> Request | None:
         """Consume bytes; return the Request once the head is complete, else None.
@@ -276,6 +298,58 @@ def is_websocket_upgrade(request: Request) -> bool:
     return any(t.lower() == "websocket" for t in _tokens(request.headers.get_all("Upgrade")))
 
 
+@dataclass(slots=True)
+class Upgrade:
+    """A valid upgrade request, negotiated but not yet answered (a connect hook may still refuse it)."""
+
+    key: str
+    offered: list[str]  # subprotocols the client offered, in its order
+    subprotocol: str | None  # what the configuration chose among them
+    deflate: PerMessageDeflate | None
+
+    def response(self, subprotocol: str | None = None, headers: Sequence[tuple[str, str]] = ()) -> Accepted:
+        """The 101 for this upgrade: ``subprotocol`` (one that was offered) overrides the negotiated
+        one; ``headers`` are added (ValueError for CR/LF or a subprotocol that was not offered)."""
+        chosen = self.subprotocol
+        if subprotocol is not None:
+            if subprotocol not in self.offered:
+                raise ValueError(f"subprotocol {subprotocol!r} was not offered by the client ({self.offered})")
+            chosen = subprotocol
+        lines = [SWITCHING, accept_key(self.key).encode("ascii"), b"\r\n"]
+        if chosen is not None:
+            lines += (b"Sec-WebSocket-Protocol: ", chosen.encode("ascii"), b"\r\n")
+        if self.deflate is not None:
+            lines += (b"Sec-WebSocket-Extensions: ", self.deflate.response_params().encode("ascii"), b"\r\n")
+        for name, value in headers:
+            _check_field(name, value)
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(b"\r\n")
+        return Accepted(b"".join(lines), chosen, self.deflate)
+
+
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+
+
+def negotiate(
+    request: Request,
+    *,
+    subprotocols: Sequence[str] = (),
+    select_subprotocol: Callable[[Request, list[str]], str | None] | None = None,
+    allowed_origins: Sequence[str] | None = None,
+    deflate: DeflateOptions | None = None,
+    max_message_size: int = 1 << 20,
+) -> Upgrade:
+    """Validate an upgrade request and negotiate subprotocol and extensions; raise HandshakeError
+    to refuse.  ``select_subprotocol(request, offered)`` overrides the ``subprotocols`` preference
+    order; an answer the client did not offer counts as None.  It may raise HandshakeError itself
+    (e.g. 403) to refuse the connection."""
+    key = _check_request(request, allowed_origins)
+    offered = _offered_subprotocols(request)
+    subprotocol = _choose_subprotocol(request, offered, subprotocols, select_subprotocol)
+    pmd = _negotiate_deflate(request, deflate, max_message_size)
+    return Upgrade(key, offered, subprotocol, pmd)
+
+
 def accept(
     request: Request,
     *,
@@ -285,28 +359,10 @@ def accept(
     deflate: DeflateOptions | None = None,
     max_message_size: int = 1 << 20,
 ) -> Accepted:
-    """Validate an upgrade request and build the 101 response; raise HandshakeError to refuse.
-
-    ``select_subprotocol(request, offered)`` overrides the ``subprotocols``
-    preference order; an answer the client did not offer counts as None. It
-    may raise HandshakeError itself (e.g. 403) to refuse the connection.
-    """
-    key = _check_request(request, allowed_origins)
-    subprotocol = _choose_subprotocol(request, subprotocols, select_subprotocol)
-    pmd = _negotiate_deflate(request, deflate, max_message_size)
-
-    lines = [
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: ",
-        accept_key(key).encode("ascii"),
-        b"\r\n",
-    ]
-    if subprotocol is not None:
-        lines += (b"Sec-WebSocket-Protocol: ", subprotocol.encode("ascii"), b"\r\n")
-    if pmd is not None:
-        lines += (b"Sec-WebSocket-Extensions: ", pmd.response_params().encode("ascii"), b"\r\n")
-    lines.append(b"\r\n")
-    return Accepted(b"".join(lines), subprotocol, pmd)
+    """Validate an upgrade request and build the 101 response (``negotiate`` then its ``response``)."""
+    return negotiate(request, subprotocols=subprotocols, select_subprotocol=select_subprotocol,
+                     allowed_origins=allowed_origins, deflate=deflate,
+                     max_message_size=max_message_size).response()
 
 
 def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> str:
@@ -390,15 +446,20 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
     return key
 
 
-def _choose_subprotocol(
-    request: Request,
-    subprotocols: Sequence[str],
-    select_subprotocol: Callable[[Request, list[str]], str | None] | None,
-) -> str | None:
+def _offered_subprotocols(request: Request) -> list[str]:
     offered = _tokens(request.headers.get_all("Sec-WebSocket-Protocol"))
     for proto in offered:
         if not all(c in _TCHAR for c in proto):
             raise HandshakeError(400, f"malformed Sec-WebSocket-Protocol value {_show(proto)}")
+    return offered
+
+
+def _choose_subprotocol(
+    request: Request,
+    offered: list[str],
+    subprotocols: Sequence[str],
+    select_subprotocol: Callable[[Request, list[str]], str | None] | None,
+) -> str | None:
     if select_subprotocol is not None:
         chosen = select_subprotocol(request, offered)
         return chosen if chosen in offered else None  # never echo something the client can't accept
