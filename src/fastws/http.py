@@ -143,6 +143,9 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 request = parser.feed(data)
             except HandshakeError as err:
+                if not self._answered and proxy_protocol.looks_like_proxy_header(data):
+                    err = HandshakeError(400, "PROXY protocol header, but this server was not told to expect "
+                                              "one (proxy_protocol)")
                 self._refuse_early(err.status, err.reason, err)
                 return
             if request is None:
