@@ -142,7 +142,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.deadline = self._server.loop.time() + self._server.config.handshake_timeout
             try:
                 request = parser.feed(data)
-            except HandshakeError as err:
+            except HandshakeError as exc:
+                err = exc
                 if not self._answered and proxy_protocol.looks_like_proxy_header(data):
                     err = HandshakeError(400, "PROXY protocol header, but this server was not told to expect "
                                               "one (proxy_protocol)")
