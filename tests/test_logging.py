@@ -57,7 +57,7 @@ async def test_access_line_per_connection_field_by_field(start_server, caplog) -
     assert fields["status"] == 101 and fields["subprotocol"] == "chat"
     assert fields["close_code"] == 1000 and fields["closed_by"] == "remote"
     assert (fields["messages_in"], fields["bytes_in"], fields["messages_out"], fields["bytes_out"]) == (2, 105, 2, 105)
-    assert 0 < fields["duration"] < 30 and fields["session"] >= 1
+    assert 0 <= fields["duration"] < 30 and fields["session"] >= 1  # the loop's clock: 1 ms resolution
     line = record.getMessage()
     assert line.startswith('127.0.0.1 "GET /echo?x=1" 101 chat ') and "close=1000/remote in=2/105B out=2/105B" in line
     assert server.session_count == 0

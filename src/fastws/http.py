@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from fastws import proxy_protocol
@@ -72,8 +73,8 @@ class HttpProtocol(asyncio.Protocol):
             self._reply(http_response(503, "too many connections still in the HTTP phase\n",
                                       headers=[("Retry-After", "1")]))
             return
-        self._started = now = server.loop.time()
-        self.deadline = now + cfg.handshake_timeout
+        self._started = time.monotonic()  # the loop's clock has a resolution of 1 ms (uvloop)
+        self.deadline = server.loop.time() + cfg.handshake_timeout
         self._parser = HeadParser(max_head_size=cfg.max_head_size, max_headers=cfg.max_headers)
         if cfg.proxy_protocol and cfg.is_trusted_proxy(self._peer):
             self._proxy_pending = b" "  # marks "a PROXY header is due" (the space is dropped)
@@ -164,8 +165,8 @@ class HttpProtocol(asyncio.Protocol):
         cfg = self._server.config
         self._answered += 1
         self._parser = HeadParser(max_head_size=cfg.max_head_size, max_headers=cfg.max_headers)
-        self._started = now = self._server.loop.time()
-        self.deadline = now + cfg.keepalive_timeout
+        self._started = time.monotonic()
+        self.deadline = self._server.loop.time() + cfg.keepalive_timeout
         if self._transport is not None and not self._transport.is_reading():
             self._transport.resume_reading()
         return rest
@@ -297,8 +298,7 @@ class HttpProtocol(asyncio.Protocol):
         server = self._server
         server.handshake_failed(err.status)
         if server.access_log:
-            log_refused(self._remote(request), request, err.status, err.reason,
-                        server.loop.time() - self._started)
+            log_refused(self._remote(request), request, err.status, err.reason, time.monotonic() - self._started)
         self._reply(response or error_response(err))
 
     def _remote(self, request: Request) -> str:
@@ -426,7 +426,7 @@ class HttpProtocol(asyncio.Protocol):
         self._finish()
         transport.write(accepted.response)
         if server.metrics is not None:
-            server.metrics.handshake.observe(server.loop.time() - self._started)
+            server.metrics.handshake.observe(time.monotonic() - self._started)
         request.headers = request.headers.packed()  # kept for the session's life: keep it small
         session = Session(server, request, remote, accepted.subprotocol, accepted.deflate)
         if accept is not None:
