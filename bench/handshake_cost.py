@@ -58,8 +58,8 @@ def run_server(cycles: int, extra: list[str]) -> int:
     port = free_port()
     out = tempfile.mktemp(prefix="callgrind.handshake.")
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "fastws",
-           "serve", "--port", str(port), "--log-level", "warning", *extra]
-    server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+           "serve", "--port", str(port), *extra]
+    server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)  # the access log goes there too
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -41,7 +41,7 @@ def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_access_line_per_connection_field_by_field(start_server, caplog) -> None:
-    server, port = await start_server(app(), subprotocols=["chat"])
+    server, port = await start_server(app(), subprotocols=["chat"], access_log=True)
     with caplog.at_level(logging.INFO, logger="fastws.access"):
         async with websockets.connect(f"ws://127.0.0.1:{port}/echo?x=1", subprotocols=["chat"],
                                       compression=None) as ws:
@@ -64,7 +64,7 @@ async def test_access_line_per_connection_field_by_field(start_server, caplog) -
 
 
 async def test_access_line_per_refused_upgrade(start_server, caplog) -> None:
-    _, port = await start_server(app())
+    _, port = await start_server(app(), access_log=True)
     with caplog.at_level(logging.INFO, logger="fastws.access"):
         assert (await http_exchange(port, upgrade_request("/echo?deny=1")[0])).status == 403
         assert (await http_exchange(port, upgrade_request("/missing")[0])).status == 404
@@ -74,8 +74,8 @@ async def test_access_line_per_refused_upgrade(start_server, caplog) -> None:
     assert "refused: denied by policy" in first.getMessage()
 
 
-async def test_no_access_log(start_server, caplog) -> None:
-    _, port = await start_server(app(), access_log=False)
+async def test_no_access_log_by_default(start_server, caplog) -> None:
+    _, port = await start_server(app())
     with caplog.at_level(logging.INFO, logger="fastws.access"):
         async with websockets.connect(f"ws://127.0.0.1:{port}/echo"):
             pass
@@ -140,7 +140,7 @@ async def run_cli_and_connect(*options: str, expect_access_line: bool) -> list[s
 
 
 async def test_cli_json_logs() -> None:
-    lines = await run_cli_and_connect("--log-format", "json", expect_access_line=True)
+    lines = await run_cli_and_connect("--log-format", "json", "--access-log", expect_access_line=True)
     entries = [json.loads(line) for line in lines]  # every line is JSON
     access = [e for e in entries if e["logger"] == "fastws.access"]
     assert len(access) == 1, lines
@@ -152,7 +152,7 @@ async def test_cli_json_logs() -> None:
     assert any("listening on" in e["message"] for e in entries)
 
 
-async def test_cli_no_access_log() -> None:
-    lines = await run_cli_and_connect("--no-access-log", expect_access_line=False)
+async def test_cli_no_access_log_by_default() -> None:
+    lines = await run_cli_and_connect(expect_access_line=False)
     assert not any("fastws.access" in line for line in lines), lines
     assert any("listening on" in line for line in lines)

@@ -50,7 +50,7 @@ class Config:
     proxy_protocol: bool = False  # trusted proxies must start each connection with a PROXY v1/v2 header
     max_connections_per_ip: int = 0  # WebSocket sessions per client address (after proxies); 0 = no limit
     keepalive_timeout: float = 5.0  # seconds an HTTP/1.1 connection may idle between plain requests
-    access_log: bool = True  # one "fastws.access" line per WebSocket connection and per refused upgrade
+    access_log: bool = False  # one "fastws.access" line per WebSocket connection and per refused upgrade
     metrics: bool = False  # serve /metrics (Prometheus text format)
     metrics_dir: str | None = None  # with workers: where they find each other for a scrape (set by run())
     drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to answer the 1001

@@ -69,7 +69,7 @@ JsonFormatter.converter = time.gmtime  # type: ignore[assignment]
 LOG_FORMATS = ("text", "json")
 
 
-def configure(level: str = "info", fmt: str = "text", *, access_log: bool = True) -> None:
+def configure(level: str = "info", fmt: str = "text", *, access_log: bool = False) -> None:
     """``fastws serve``'s logging: the ``fastws`` hierarchy to stderr, as text or JSON lines;
     ``fastws.access`` (the access log) silenced unless ``access_log``."""
     if fmt not in LOG_FORMATS:
