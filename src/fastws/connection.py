@@ -154,7 +154,10 @@ class Session(WebSocketProtocol, asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.receive_eof()
-        return True  # the state machine closes the transport itself
+        # the state machine closes the transport itself (a TLS transport closes on EOF anyway,
+        # and logs a warning when told to stay open)
+        transport = self._transport
+        return transport is None or transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.connection_ended():
