@@ -285,7 +285,20 @@ class Accepted:
 
 def _tokens(values: list[str]) -> list[str]:
     """Comma-separated list elements over several header lines, stripped, empties dropped."""
-    return [t for v in values for t in (p.strip(" \t") for p in v.split(",")) if t]
+    tokens = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip(" \t")
+            if part:
+                tokens.append(part)
+    return tokens
+
+
+def _has_token(values: list[str], token: str) -> bool:
+    """``token`` (lower case) is one of the comma-separated elements, case-insensitively."""
+    if len(values) == 1 and values[0].lower() == token:  # the usual case: one header, one element
+        return True
+    return any(t.lower() == token for t in _tokens(values))
 
 
 def _show(value: str) -> str:
@@ -295,7 +308,7 @@ def _show(value: str) -> str:
 
 def is_websocket_upgrade(request: Request) -> bool:
     """True if the request asks to upgrade to websocket (routes WS vs plain HTTP)."""
-    return any(t.lower() == "websocket" for t in _tokens(request.headers.get_all("Upgrade")))
+    return _has_token(request.headers.get_all("upgrade"), "websocket")
 
 
 @dataclass(slots=True)
@@ -393,7 +406,7 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
             f"Upgrade header {_show(', '.join(headers.get_all('Upgrade')))} does not offer websocket",
             [("Upgrade", "websocket")],
         )
-    if not any(t.lower() == "upgrade" for t in _tokens(headers.get_all("Connection"))):
+    if not _has_token(headers.get_all("connection"), "upgrade"):
         raise HandshakeError(400, "Connection header must include Upgrade")
 
     # Old drafts first: their clients get a pointer to the right protocol, not a key error.
@@ -618,7 +631,7 @@ def check_client_response(
 
     if not any(t.lower() == "websocket" for t in _tokens(headers.get_all("Upgrade"))):
         raise fail("missing Upgrade: websocket")
-    if not any(t.lower() == "upgrade" for t in _tokens(headers.get_all("Connection"))):
+    if not _has_token(headers.get_all("connection"), "upgrade"):
         raise fail("missing Connection: Upgrade")
     accepts = headers.get_all("Sec-WebSocket-Accept")
     if len(accepts) != 1 or accepts[0] != accept_key(key):
