@@ -156,3 +156,15 @@ async def test_cli_no_access_log_by_default() -> None:
     lines = await run_cli_and_connect(expect_access_line=False)
     assert not any("fastws.access" in line for line in lines), lines
     assert any("listening on" in line for line in lines)
+
+
+async def test_keepalive_timeouts_are_logged(start_server, caplog) -> None:
+    server, port = await start_server(app(), ping_interval=0.2, ping_timeout=0.2)
+    with caplog.at_level(logging.INFO, logger="fastws"):
+        async with await RawWS.connect(port, "/echo") as ws:  # reads pings, never answers them
+            code, _ = await ws.expect_close(timeout=5, skip_data=True)
+        assert code == 1011
+        await wait_for(lambda: server.session_count == 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastws" and "no answer to a ping" in r.getMessage()]
+    assert len(lines) == 1 and "(1011)" in lines[0]
+    assert server.stats["keepalive_timeouts"] == 1

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fastws.connection import Session
 
 log = logging.getLogger("fastws")
+KEEPALIVE_TIMEOUT = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
 
 class Server:
@@ -179,6 +180,9 @@ class Server:
         self.writing_resumed(session)
         if self.config.max_connections_per_ip:
             self.release_address(session.remote)
+        if session.sent_close == KEEPALIVE_TIMEOUT:  # what fastws.keepalive closes a silent peer with
+            self._throttle.log(logging.INFO, "keepalive", "session %d from %s: no answer to a ping within %g s "
+                               "(1011)", session.id, session.remote, self.config.ping_timeout)
         if self.metrics is not None:
             self.metrics.session_ended(session)
         if self.access_log and access.isEnabledFor(logging.INFO):
