@@ -76,6 +76,10 @@ class Headers:
         fields = self._packed.decode("latin-1").split("\0")
         return list(zip(fields[0:-1:2], fields[1:-1:2], strict=True))
 
+    def index(self) -> dict[str, list[str]]:
+        """Lower-case name -> values, in order (read-only: the same dict serves every lookup)."""
+        return self._lookup()
+
     def _lookup(self) -> dict[str, list[str]]:
         index = self._index
         if index is None:
@@ -138,27 +142,13 @@ class Request:
 
 
 class _Sink:
-    """httptools callbacks; kept apart so HeadParser's namespace stays clean."""
+    """The one httptools callback we need: llhttp validates the head, we split it afterwards
+    (a Python call per header field from llhttp would cost more than the split)."""
 
-    __slots__ = ("url", "headers", "max_headers", "too_many", "complete")
+    __slots__ = ("complete",)
 
-    def __init__(self, max_headers: int) -> None:
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.max_headers = max_headers
-        self.too_many = False
+    def __init__(self) -> None:
         self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url  # may arrive in pieces
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.max_headers:
-            self.too_many = True
-            raise OverflowError  # stops llhttp; HeadParser turns it into a 431
-        # Header bytes are opaque octets: latin-1 maps them 1:1. llhttp strips
-        # leading whitespace of values but keeps trailing whitespace.
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -171,17 +161,21 @@ class HeadParser:
     invalid tokens, and conflicting Content-Length/Transfer-Encoding are all
     rejected (400). The head ends at the first CRLF CRLF; only the head is given
     to llhttp, so whatever follows (frames pipelined behind the upgrade, or a
-    body) is left in ``rest`` untouched.
+    body) is left in ``rest`` untouched.  Once llhttp has accepted the whole
+    head, it is split into fields here: every line is then known to be
+    ``name: value`` with a valid token for a name.
     """
 
-    __slots__ = ("max_head_size", "_parser", "_sink", "_size", "_tail", "_error", "_request", "rest")
+    __slots__ = ("max_head_size", "max_headers", "_parser", "_sink", "_head", "_lines", "_error", "_request",
+                 "rest")
 
     def __init__(self, *, max_head_size: int = 8192, max_headers: int = 64) -> None:
         self.max_head_size = max_head_size
-        self._sink = _Sink(max_headers)
+        self.max_headers = max_headers
+        self._sink = _Sink()
         self._parser = httptools.HttpRequestParser(self._sink)
-        self._size = 0  # head bytes consumed so far
-        self._tail = b""  # last bytes seen, to find a CRLF CRLF split across feeds
+        self._head = bytearray()  # the head so far (at most max_head_size bytes)
+        self._lines = 0  # CRLFs in it
         self._error: HandshakeError | None = None
         self._request: Request | None = None
         self.rest = b""
@@ -189,7 +183,7 @@ class HeadParser:
     @property
     def idle(self) -> bool:
         """No byte of a request has arrived yet."""
-        return self._size == 0 and self._request is None
+        return not self._head and self._request is None
 
     def feed(self, data: bytes | bytearray | memoryview) -> Request | None:
         """Consume bytes; return the Request once the head is complete, else None.
@@ -209,45 +203,51 @@ class HeadParser:
             raise
 
     def _feed(self, data: bytes) -> Request | None:
-        window = self._tail + data
+        seen = self._head
+        window = bytes(seen[-3:]) + data
         end = window.find(b"\r\n\r\n")
         if end >= 0:
-            cut = end + 4 - len(self._tail)  # end of the head inside ``data``
+            cut = end + 4 - min(3, len(seen))  # end of the head inside ``data``
             head, rest = data[:cut], data[cut:]
         else:
             head, rest = data, b""
-            self._tail = window[-3:]
         # Let llhttp see what fits under the limit first: garbage gets a 400, not a 431.
-        allowed = self.max_head_size - self._size
+        allowed = self.max_head_size - len(seen)
         too_big = len(head) > allowed
         if too_big:
             head = head[:allowed]
-        self._size += len(head)
+        self._lines += (bytes(seen[-1:]) + head).count(b"\r\n")
+        seen += head
 
-        sink = self._sink
         try:
             self._parser.feed_data(head)
         except httptools.HttpParserUpgrade:
             pass  # llhttp pauses after an upgrade request's head: that is the end we wanted
         except httptools.HttpParserError as exc:
-            if sink.too_many:
-                raise HandshakeError(431, f"more than {sink.max_headers} header fields") from None
-            raise HandshakeError(400, _parse_error_reason(exc, self._size, head)) from None
+            raise HandshakeError(400, _parse_error_reason(exc, len(seen), head)) from None
+        complete = end >= 0 and not too_big
+        fields = self._lines - (2 if complete else 1)  # not the request line, nor the final empty one
+        if fields > self.max_headers:
+            raise HandshakeError(431, f"more than {self.max_headers} header fields")
         if too_big:
             raise HandshakeError(431, f"request head larger than {self.max_head_size} bytes")
 
-        if end < 0:
+        if not complete:
             return None
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):  # e.g. 0.9, or the HTTP/2 preface "PRI * HTTP/2.0"
             raise HandshakeError(505, f"HTTP version {version} not supported")
-        if not sink.complete:  # llhttp saw the head end but no complete head: never trust silence
+        if not self._sink.complete:  # llhttp saw the head end but no complete head: never trust silence
             raise HandshakeError(400, "malformed HTTP request head")
-        self._request = _make_request(
-            self._parser.get_method().decode("ascii"), sink.url, sink.headers, version
-        )
+        lines = seen.decode("latin-1").split("\r\n")  # header bytes are opaque octets: latin-1 maps 1:1
+        target = lines[0].partition(" ")[2].rpartition(" ")[0]
+        header_list = []
+        for line in lines[1:-2]:
+            name, _, value = line.partition(":")
+            header_list.append((name, value.strip(" \t")))
+        self._request = _make_request(self._parser.get_method().decode("ascii"), target, header_list, version)
         self.rest = rest
-        self._sink = self._parser = None  # type: ignore[assignment]  # done: free llhttp state
+        self._sink = self._parser = self._head = None  # type: ignore[assignment]  # done: free llhttp state
         return self._request
 
 
@@ -258,8 +258,7 @@ def _parse_error_reason(exc: Exception, size: int, chunk: bytes) -> str:
     return f"malformed HTTP request: {detail[:1].lower()}{detail[1:]}"
 
 
-def _make_request(method: str, url: bytes, header_list: list[tuple[str, str]], version: str) -> Request:
-    target = url.decode("latin-1")
+def _make_request(method: str, target: str, header_list: list[tuple[str, str]], version: str) -> Request:
     if target.startswith("/"):
         raw_path, _, query = target.partition("?")
     elif "://" in target:  # absolute-form (proxies)
@@ -378,9 +377,19 @@ def accept(
                      max_message_size=max_message_size).response()
 
 
+_NONE: list[str] = []
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def _is_key(key: str) -> bool:
+    """``key`` is the base64 form of 16 bytes (22 characters, the last one holding 4 bits, and "==")."""
+    return len(key) == 24 and key[22:] == "==" and key[21] in "AQgw" and _KEY_CHARS.issuperset(key[:21])
+
+
 def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> str:
     """RFC 6455 section 4.2.1 checks, in an order that gives the most useful answer. Returns the key."""
-    headers = request.headers
+    fields = request.headers.index()
+    field = fields.get
     if request.method != "GET":
         raise HandshakeError(
             405, f"method {request.method} not allowed: a WebSocket handshake uses GET", [("Allow", "GET")]
@@ -388,7 +397,7 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
     if request.http_version != "1.1":
         raise HandshakeError(400, f"WebSocket upgrade requires HTTP/1.1, not HTTP/{request.http_version}")
 
-    hosts = headers.get_all("Host")
+    hosts = field("host", _NONE)
     if not hosts:
         raise HandshakeError(400, "missing Host header")
     if len(hosts) > 1:
@@ -396,59 +405,63 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
     if not hosts[0]:
         raise HandshakeError(400, "empty Host header")
 
-    if "Upgrade" not in headers:
+    upgrades = field("upgrade")
+    if upgrades is None:
         raise HandshakeError(
             426, "this is a WebSocket endpoint: missing Upgrade: websocket header", [("Upgrade", "websocket")]
         )
-    if not is_websocket_upgrade(request):
+    if not _has_token(upgrades, "websocket"):
         raise HandshakeError(
             426,
-            f"Upgrade header {_show(', '.join(headers.get_all('Upgrade')))} does not offer websocket",
+            f"Upgrade header {_show(', '.join(upgrades))} does not offer websocket",
             [("Upgrade", "websocket")],
         )
-    if not _has_token(headers.get_all("connection"), "upgrade"):
+    if not _has_token(field("connection", _NONE), "upgrade"):
         raise HandshakeError(400, "Connection header must include Upgrade")
 
+    keys = field("sec-websocket-key", _NONE)
     # Old drafts first: their clients get a pointer to the right protocol, not a key error.
-    if "Sec-WebSocket-Key1" in headers and "Sec-WebSocket-Key" not in headers:
+    if not keys and "sec-websocket-key1" in fields:
         raise HandshakeError(
             426,
             "hixie-76 (draft 76) WebSocket handshakes are not supported; use RFC 6455",
             [("Sec-WebSocket-Version", "13")],
         )
-    versions = _tokens(headers.get_all("Sec-WebSocket-Version"))
-    if not versions:
-        raise HandshakeError(
-            426,
-            "missing Sec-WebSocket-Version header (this server speaks version 13)",
-            [("Sec-WebSocket-Version", "13")],
-        )
+    versions = field("sec-websocket-version", _NONE)
     if versions != ["13"]:
-        raise HandshakeError(
-            426,
-            f"unsupported Sec-WebSocket-Version {_show(', '.join(versions))}; this server speaks version 13",
-            [("Sec-WebSocket-Version", "13")],
-        )
+        versions = _tokens(versions)
+        if not versions:
+            raise HandshakeError(
+                426,
+                "missing Sec-WebSocket-Version header (this server speaks version 13)",
+                [("Sec-WebSocket-Version", "13")],
+            )
+        if versions != ["13"]:
+            raise HandshakeError(
+                426,
+                f"unsupported Sec-WebSocket-Version {_show(', '.join(versions))}; this server speaks version 13",
+                [("Sec-WebSocket-Version", "13")],
+            )
 
-    keys = headers.get_all("Sec-WebSocket-Key")
     if not keys:
         raise HandshakeError(400, "missing Sec-WebSocket-Key header")
     if len(keys) > 1:
         raise HandshakeError(400, "multiple Sec-WebSocket-Key headers")
     key = keys[0]
-    try:
-        raw = base64.b64decode(key.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise HandshakeError(400, f"Sec-WebSocket-Key {_show(key)} is not valid base64") from None
-    if len(raw) != 16:
-        raise HandshakeError(400, f"Sec-WebSocket-Key must be 16 bytes base64-encoded, got {len(raw)} bytes")
+    if not _is_key(key):  # the slow way, for the error message
+        try:
+            raw = base64.b64decode(key.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise HandshakeError(400, f"Sec-WebSocket-Key {_show(key)} is not valid base64") from None
+        if len(raw) != 16:
+            raise HandshakeError(400, f"Sec-WebSocket-Key must be 16 bytes base64-encoded, got {len(raw)} bytes")
 
     # A body behind an upgrade would be read as WebSocket frames: refuse (smuggling).
-    if headers.get_all("Transfer-Encoding") or any(v != "0" for v in headers.get_all("Content-Length")):
+    if "transfer-encoding" in fields or any(v != "0" for v in field("content-length", _NONE)):
         raise HandshakeError(400, "a WebSocket upgrade request must not have a body")
 
     if allowed_origins is not None:
-        origins = headers.get_all("Origin")
+        origins = field("origin", _NONE)
         if not origins:
             raise HandshakeError(403, "missing Origin header")
         if len(origins) > 1:
