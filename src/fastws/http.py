@@ -48,7 +48,7 @@ class HttpProtocol(asyncio.Protocol):
     """Reads request heads, answers plain routes, and upgrades the connection to a Session."""
 
     __slots__ = ("_server", "_transport", "_parser", "_peer", "deadline", "_started", "_task", "_done",
-                 "_proxy_pending", "_answered")
+                 "_proxy_due", "_proxy_bytes", "_answered")
 
     def __init__(self, server: Server) -> None:
         self._server = server
@@ -59,7 +59,8 @@ class HttpProtocol(asyncio.Protocol):
         self._started = 0.0  # when this request's wait began (the handshake histogram)
         self._task: asyncio.Task[Any] | None = None  # an async handler or connect hook being awaited
         self._done = False  # closed, or upgraded: nothing more to do here
-        self._proxy_pending = b""  # bytes of a PROXY header not yet complete
+        self._proxy_due = False  # a trusted proxy's PROXY header is still to come
+        self._proxy_bytes = b""  # the part of it that has arrived
         self._answered = 0  # requests answered on this connection (keep-alive)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,8 +77,7 @@ class HttpProtocol(asyncio.Protocol):
         self._started = time.monotonic()  # the loop's clock has a resolution of 1 ms (uvloop)
         self.deadline = server.loop.time() + cfg.handshake_timeout
         self._parser = HeadParser(max_head_size=cfg.max_head_size, max_headers=cfg.max_headers)
-        if cfg.proxy_protocol and cfg.is_trusted_proxy(self._peer):
-            self._proxy_pending = b" "  # marks "a PROXY header is due" (the space is dropped)
+        self._proxy_due = cfg.proxy_protocol and cfg.is_trusted_proxy(self._peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
@@ -110,7 +110,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done or self._parser is None:
             return
-        if self._proxy_pending:
+        if self._proxy_due:
             data = self._proxy_header(data)
             if not data:
                 return
@@ -126,10 +126,7 @@ class HttpProtocol(asyncio.Protocol):
     def _hold(self, data: bytes) -> None:
         parser = self._parser
         assert parser is not None
-        try:
-            parser.feed(data)
-        except HandshakeError:
-            pass  # the next request is malformed: answered when its turn comes
+        parser.feed(data)  # its request is complete: the bytes go to parser.rest
         if len(parser.rest) > MAX_HELD and self._transport is not None:
             self._transport.pause_reading()
 
@@ -173,18 +170,19 @@ class HttpProtocol(asyncio.Protocol):
 
     def _proxy_header(self, data: bytes) -> bytes:
         """A trusted proxy's PROXY header; returns the bytes after it (b"" while incomplete)."""
-        pending = self._proxy_pending.lstrip(b" ") + data
+        pending = self._proxy_bytes + data
         try:
             parsed = proxy_protocol.parse(pending)
         except proxy_protocol.ProxyHeaderError as exc:
-            self._proxy_pending = b""
+            self._proxy_due = False
             self._refuse_early(400, str(exc))
             return b""
         if parsed is None:
-            self._proxy_pending = b" " + pending
+            self._proxy_bytes = pending
             return b""
         used, source = parsed
-        self._proxy_pending = b""
+        self._proxy_due = False
+        self._proxy_bytes = b""
         if source is not None:
             self._peer = source
         return pending[used:]
