@@ -77,7 +77,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="json: one JSON object per line")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                    help="one line per WebSocket connection and per refused upgrade (logger fastws.access); "
-                        "off by default: it costs about a third of a handshake")
+                        "off by default: a line costs half as much again as a handshake")
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import json
 import logging
+import operator
 import os
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -58,16 +59,13 @@ class ProcessMetrics:
 
     def session_ended(self, session: Session) -> None:
         self.closes[(session.close_code or 1006, session.closed_by or "none")] += 1
-        totals = self.ended_traffic
-        for i, n in enumerate(session.traffic):
-            totals[i] += n
+        self.ended_traffic = list(map(operator.add, self.ended_traffic, session.traffic))
 
     def snapshot(self, server: Server) -> dict[str, Any]:
         """This process's figures as plain JSON-able data (what other workers are sent)."""
-        traffic = list(self.ended_traffic)
+        traffic = self.ended_traffic
         for session in list(server.hub.sessions.values()):
-            for i, n in enumerate(session.traffic):
-                traffic[i] += n
+            traffic = list(map(operator.add, traffic, session.traffic))
         backplane = server.hub.backplane
         return {
             "workers": 1,
