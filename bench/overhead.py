@@ -5,7 +5,8 @@ tree from before the wire-core counters existed.
     python bench/overhead.py [--baseline-src DIR] [--rounds 3] [--seconds 4] [--size 64]
 
 Rounds alternate the servers (A B C A B C ...) so that a machine whose load changes hurts them
-alike; the table gives the best round of each (echoes/s, server CPU).  Server pinned to core 0,
+alike; the table gives the best round of each (echoes/s, server CPU, server CPU per echo).  The client
+is often the limit on a 2-core machine: for small differences use bench/echo_cost.py (instructions).  Server pinned to core 0,
 client (fastws.client, --streams connections x --inflight messages) to core 1.
 """
 
@@ -59,7 +60,8 @@ async def main() -> None:
     print("best of each:")
     reference = best[variants[0][0]][0]
     for name, (rate, cpu) in best.items():
-        print(f"{name:40} {rate:12,.0f} echoes/s  {100 * rate / reference:6.1f} %  server CPU {cpu:5.1f} %")
+        print(f"{name:40} {rate:12,.0f} echoes/s  {100 * rate / reference:6.1f} %  server CPU {cpu:5.1f} %  "
+              f"{cpu / 100 / rate * 1e6:5.2f} µs per echo")
     print(json.dumps({"args": vars(args), "best": {k: {"echoes_per_s": round(r), "server_cpu": c}
                                                    for k, (r, c) in best.items()}}))
 
