@@ -5,9 +5,9 @@ tree from before the wire-core counters existed.
     python bench/overhead.py [--baseline-src DIR] [--rounds 3] [--seconds 4] [--size 64]
 
 Rounds alternate the servers (A B C A B C ...) so that a machine whose load changes hurts them
-alike; the table gives the best round of each (echoes/s, server CPU, server CPU per echo).  The client
-is often the limit on a 2-core machine: for small differences use bench/echo_cost.py (instructions).  Server pinned to core 0,
-client (fastws.client, --streams connections x --inflight messages) to core 1.
+alike; the table gives the best round of each (echoes/s, server CPU, server CPU per echo).  Server
+pinned to core 0, client (fastws.client, --streams connections x --inflight messages) to core 1.
+The client is often the limit on a 2-core machine: for small differences use bench/echo_cost.py.
 """
 
 from __future__ import annotations
