@@ -124,3 +124,22 @@ async def test_metrics_summed_over_workers() -> None:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
+
+
+async def test_keepalive_timeouts_and_protocol_errors_are_counted(start_server, demo_app: App) -> None:
+    from wsraw import RawWS
+
+    server, port = await start_server(demo_app, metrics=True, ping_interval=0.2, ping_timeout=0.2)
+    async with await RawWS.connect(port, "/echo") as silent:  # never answers the pings
+        assert (await silent.expect_close(timeout=5, skip_data=True))[0] == 1011
+    for _ in range(2):
+        async with await RawWS.connect(port, "/echo") as bad:
+            await bad.send_bad(0x3)  # a reserved opcode
+            assert (await bad.expect_close())[0] == 1002
+    await wait_for(lambda: server.session_count == 0)
+    samples = await scrape(port)
+    assert value(samples, "fastws_keepalive_timeouts_total") == 1
+    assert value(samples, "fastws_protocol_errors_total") == 2
+    assert value(samples, "fastws_closes_total", code="1011", side="local") == 1
+    assert value(samples, "fastws_closes_total", code="1002", side="local") == 2
+    assert value(samples, "fastws_connections_accepted_total") == 3
