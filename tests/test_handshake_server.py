@@ -149,14 +149,14 @@ async def test_plain_get_to_websocket_route_is_426(start_server) -> None:
 async def test_unknown_path_is_404(start_server) -> None:
     server, port = await start_server(info_app())
     await refused(server, port, head(target="/nowhere"), 404, "/nowhere")
-    await refused(server, port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "/nowhere")
+    await refused(server, port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "/nowhere")
 
 
 async def test_healthz_is_json(start_server) -> None:
     server, port = await start_server(info_app())
     async with await RawWS.connect(port, "/echo"):
         await wait_for(lambda: len(server.hub.sessions) == 1)
-        resp = await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert resp.status == 200
         assert resp.header("content-type", ).startswith("application/json")
         doc = json.loads(resp.body)
@@ -364,7 +364,7 @@ async def test_max_connections_503(start_server) -> None:
     assert resp.header("retry-after")
     assert len(server.hub.sessions) == 2
     # plain HTTP routes still answer when the server is full
-    health = await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    health = await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert health.status == 200
     # room again once one leaves
     await a.send_close(1000)

@@ -68,7 +68,8 @@ def routes_app() -> App:
 
 
 def get(path: str, method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    """One request on its own connection (keep-alive has tests of its own: tests/test_keepalive_http.py)."""
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
 
 
 async def test_sync_str_is_text_plain_whatever_it_starts_with(start_server) -> None:

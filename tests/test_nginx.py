@@ -23,7 +23,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from fastws import App, Endpoint
+from fastws import App, Config, Endpoint, Server, tls_context
+from tlsutil import Certs, make_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_CONF = ROOT / "deploy" / "nginx.conf"
@@ -56,8 +57,10 @@ def _sub(pattern: str, replacement: str, text: str, count: int | None = 1) -> st
     return new
 
 
-def render_config(listen_port: int, upstream_port: int, read_timeout: float, workdir: Path) -> str:
-    """deploy/nginx.conf with test ports, paths under ``workdir`` and a short read timeout."""
+def render_config(listen_port: int, upstream_port: int, read_timeout: float, workdir: Path,
+                  tls: Certs | None = None, upstream_tls: Certs | None = None) -> str:
+    """deploy/nginx.conf with test ports, paths under ``workdir`` and a short read timeout; ``tls``:
+    nginx terminates TLS with these certificates; ``upstream_tls``: fastws does (nginx -> https)."""
     text = DEPLOY_CONF.read_text()
     user = "user root;" if os.geteuid() == 0 else ""  # workers must reach workdir (mode 0700)
     text = _sub(r"^user\s+\S+;", user, text)
@@ -65,7 +68,17 @@ def render_config(listen_port: int, upstream_port: int, read_timeout: float, wor
     # raising the fd limit needs a hard limit that high (not so in every container)
     text = _sub(r"^worker_rlimit_nofile\s+\d+;", "", text)
     text = _sub(r"^\s*server\s+127\.0\.0\.1:8000;", f"        server 127.0.0.1:{upstream_port};", text)
-    text = _sub(r"^\s*listen\s+80;", f"        listen 127.0.0.1:{listen_port};", text)
+    listen = f"        listen 127.0.0.1:{listen_port}"
+    if tls is not None:
+        listen += f" ssl;\n        ssl_certificate {tls.certfile};\n        ssl_certificate_key {tls.certfile};"
+    else:
+        listen += ";"
+    text = _sub(r"^\s*listen\s+80;", listen, text)
+    if upstream_tls is not None:
+        text = _sub(r"proxy_pass http://fastws;", "proxy_pass https://fastws;\n"
+                    f"            proxy_ssl_trusted_certificate {upstream_tls.ca_file};\n"
+                    "            proxy_ssl_verify on;\n            proxy_ssl_name localhost;\n"
+                    "            proxy_ssl_server_name on;", text)
     text = _sub(r"proxy_read_timeout\s+75s;", f"proxy_read_timeout {read_timeout:g}s;", text)
     text = _sub(r"/var/log/nginx/", f"{workdir}/", text, count=None)
     # The package's compiled-in temp paths are under /var/lib/nginx: keep everything in workdir.
@@ -86,13 +99,14 @@ async def start_nginx(tmp_path: Path) -> AsyncIterator[StartNginx]:
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
 
-    async def start(upstream_port: int, read_timeout: float = READ_TIMEOUT) -> int:
+    async def start(upstream_port: int, read_timeout: float = READ_TIMEOUT, tls: Certs | None = None,
+                    upstream_tls: Certs | None = None) -> int:
         for attempt in range(5):  # free_port() can race with another process taking the port
             workdir = tmp_path / f"nginx{len(procs)}-{attempt}"
             workdir.mkdir()
             port = free_port()
             conf = workdir / "nginx.conf"
-            conf.write_text(render_config(port, upstream_port, read_timeout, workdir))
+            conf.write_text(render_config(port, upstream_port, read_timeout, workdir, tls, upstream_tls))
             log = workdir / "stderr.log"
             logs.append(log)
             with open(log, "wb") as err:
@@ -269,3 +283,37 @@ async def test_forwarded_for_from_untrusted_peer_is_ignored(start_server, demo_a
                             additional_headers={"X-Forwarded-For": "203.0.113.9"})
     async with ws:
         assert await asyncio.wait_for(ws.recv(), 5) == "127.0.0.5"
+
+
+# -- TLS at nginx, or TLS at fastws ------------------------------------------------------------------------
+
+
+async def test_tls_at_nginx(start_server, start_nginx, demo_app, tmp_path: Path) -> None:
+    """wss:// to nginx, which proxies ws:// to fastws."""
+    certs = make_certs(tmp_path)
+    _, port = await start_server(demo_app, trusted_proxies=["127.0.0.1"])
+    nginx_port = await start_nginx(port, tls=certs)
+    async with websockets.connect(f"wss://localhost:{nginx_port}/echo", ssl=certs.client_context()) as ws:
+        await ws.send("TLS ends at nginx")
+        assert await asyncio.wait_for(ws.recv(), 5) == "TLS ends at nginx"
+        payload = os.urandom(200_000)
+        await ws.send(payload)
+        assert await asyncio.wait_for(ws.recv(), 5) == payload
+
+
+async def test_tls_at_fastws_behind_nginx(start_nginx, demo_app, tmp_path: Path) -> None:
+    """ws:// to nginx, which proxies to fastws over TLS (fastws's certificate verified by nginx)."""
+    certs = make_certs(tmp_path)
+    demo_app.route("/whoami")(WhoAmI)
+    server = Server(demo_app, Config(trusted_proxies=["127.0.0.1"]))
+    (_, port), *_ = await server.listen("127.0.0.1", 0, ssl=tls_context(str(certs.certfile)))
+    try:
+        nginx_port = await start_nginx(port, upstream_tls=certs)
+        async with websockets.connect(f"ws://127.0.0.1:{nginx_port}/echo") as ws:
+            await ws.send("TLS ends at fastws")
+            assert await asyncio.wait_for(ws.recv(), 5) == "TLS ends at fastws"
+        ws = await connect_from("127.0.0.5", nginx_port, "/whoami")
+        async with ws:
+            assert await asyncio.wait_for(ws.recv(), 5) == "127.0.0.5"
+    finally:
+        await server.shutdown(timeout=1.0)

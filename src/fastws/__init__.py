@@ -8,7 +8,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
         "reinstall with 'pip install --force-reinstall fastws' (building from source needs a C compiler)"
     ) from exc
 
-from fastws.app import App, Config, Endpoint, Response
+from fastws.app import Accept, App, Config, ConnectRequest, Endpoint, Reject, Response
 from fastws.connection import Session
 from fastws.errors import (
     CloseCode,
@@ -19,25 +19,29 @@ from fastws.errors import (
     WebSocketError,
 )
 from fastws.hub import Hub
-from fastws.server import Server, run, serve
+from fastws.server import Server, run, serve, tls_context
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accept",
     "App",
     "CloseCode",
     "Config",
+    "ConnectRequest",
     "ConnectionClosed",
     "Endpoint",
     "HandshakeError",
     "Hub",
     "PayloadTooBig",
     "ProtocolError",
+    "Reject",
     "Response",
     "Server",
     "Session",
     "WebSocketError",
     "run",
     "serve",
+    "tls_context",
     "__version__",
 ]

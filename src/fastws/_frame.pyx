@@ -416,6 +416,40 @@ def set_clock(double now):
     _clock = now
 
 
+# Process-wide traffic totals for /metrics (fastws.metrics reads them at scrape time): data
+# messages and payload bytes (as on the wire: compressed when compressed), [text, binary].
+cdef unsigned long long _messages_in[2]
+cdef unsigned long long _bytes_in[2]
+cdef unsigned long long _messages_out[2]
+cdef unsigned long long _bytes_out[2]
+_messages_in[:] = [0, 0]
+_bytes_in[:] = [0, 0]
+_messages_out[:] = [0, 0]
+_bytes_out[:] = [0, 0]
+
+
+def traffic_counts():
+    """This process's totals so far: (text messages, text bytes, binary messages, binary bytes)
+    received, then the same four sent."""
+    return (_messages_in[0], _bytes_in[0], _messages_in[1], _bytes_in[1],
+            _messages_out[0], _bytes_out[0], _messages_out[1], _bytes_out[1])
+
+
+cdef Py_ssize_t frame_payload_length(const uint8_t *p, Py_ssize_t size) noexcept:
+    """The payload length in an encoded unmasked frame's header (0 if the header is cut short)."""
+    cdef Py_ssize_t length = p[1] & 0x7F
+    cdef int i
+    if length == 126:
+        return (p[2] << 8 | p[3]) if size >= 4 else 0
+    if length == 127:
+        if size < 10:
+            return 0
+        length = 0
+        for i in range(2, 10):
+            length = (length << 8) | p[i]
+    return length
+
+
 # --------------------------------------------------------------------------
 # One connection's wire state: _Wire holds the reader's and the writer's fields
 # and does all the work in cdef methods.  FrameReader and FrameWriter expose one
@@ -619,6 +653,10 @@ cdef class _Wire:
     cdef unsigned char _in_direct   # the last get_buffer handed out the rest of _direct
     cdef uint8_t _direct_key[4]
     cdef Py_ssize_t _messages       # data messages delivered
+    # this connection's share of the traffic totals (the access log's figures)
+    cdef Py_ssize_t _bytes_in       # payload bytes of the messages delivered
+    cdef Py_ssize_t _messages_sent
+    cdef Py_ssize_t _bytes_sent
     cdef Py_ssize_t _reads          # reads (keepalive: any bytes mean the peer lives)
     cdef double _last_read          # the clock (set_clock) at the last read
     cdef double _last_message       # the clock at the last data message delivered
@@ -638,6 +676,21 @@ cdef class _Wire:
     cdef int _out_write(self, object data) except -1:
         PyObject_CallMethodOneArg(self._transport, S_WRITE_NOCHECK if self._nocheck else S_WRITE, data)
         return 0
+
+    cdef inline void _count_sent(self, int opcode, Py_ssize_t n) noexcept:
+        if opcode == OPC_TEXT or opcode == OPC_BINARY:
+            self._messages_sent += 1
+            self._bytes_sent += n
+            if self._is_server:  # clients in the same process are not the server's traffic
+                _messages_out[opcode - OPC_TEXT] += 1
+                _bytes_out[opcode - OPC_TEXT] += n
+
+    cdef inline void _count_frame_sent(self, bytes frame) noexcept:
+        """Count an encoded frame by its header (broadcast frames are encoded elsewhere)."""
+        cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        if size >= 2:
+            self._count_sent(p[0] & 0x0F, frame_payload_length(p, size))
 
     cdef int _out_writelines(self, object chunks) except -1:
         PyObject_CallMethodOneArg(self._transport, S_WRITELINES_NOCHECK if self._nocheck else S_WRITELINES, chunks)
@@ -745,6 +798,7 @@ cdef class _Wire:
             data = PyBytes_AS_STRING(owner)
             n = PyBytes_GET_SIZE(owner)
             rsv1 = True
+        self._count_sent(opcode, n)
         step = self._fragment_size
         if step <= 0 or n <= step:
             return self._emit(opcode, data, n, True, rsv1, owner)
@@ -783,6 +837,7 @@ cdef class _Wire:
     cdef int _send_raw(self, bytes frame) except -1:
         """Write an already-encoded frame (broadcast: encoded once for many)."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        self._count_frame_sent(frame)
         if self._cork_depth == 0:
             self._out_write(frame)
             return 0
@@ -804,6 +859,12 @@ cdef class _Wire:
 
     cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
         return 0  # the read itself was the sign of life
+
+    cdef inline void _count_received(self, int opcode, Py_ssize_t n) noexcept:
+        self._bytes_in += n
+        if self._is_server:
+            _messages_in[opcode - OPC_TEXT] += 1
+            _bytes_in[opcode - OPC_TEXT] += n
 
     cdef int _deliver_message(self, object message) except -1:
         self._messages += 1
@@ -944,6 +1005,7 @@ cdef class _Wire:
             if self._direct_opcode == OPC_TEXT:
                 self._deliver(OPC_TEXT, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), False)
             else:
+                self._count_received(OPC_BINARY, PyBytes_GET_SIZE(message))
                 self._deliver_message(message)  # the very object the payload was read into: no copy
         finally:
             if writer is not None:
@@ -1193,6 +1255,7 @@ cdef class _Wire:
         cdef bytes raw
         cdef uint32_t state = self._utf8_state
         self._utf8_state = 0
+        self._count_received(opcode, n)
         if compressed:
             raw = self._inflate(PyBytes_FromStringAndSize(data, n))
             if opcode == OPC_TEXT:
@@ -1262,6 +1325,7 @@ cdef class FrameWriter(_Wire):
         self._writelines = writelines
         self._deflate = deflate
         self._masked = not is_server
+        self._is_server = is_server
         self._compress_threshold = compress_threshold
         self._fragment_size = fragment_size
 
@@ -1476,6 +1540,7 @@ cdef class SessionCore(_Wire):
     cdef public object ka_bucket     # keepalive's wheel (fastws.keepalive): a list with its links here
     cdef public object ka_prev
     cdef public object ka_next
+    cdef public double opened_at     # the loop's clock at the 101 (the access log's duration)
     cdef int _fd                     # the socket, for fan-out writes past the transport (-1: never)
     cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
     cdef public bint _async_messages # messages queue for an async on_message
@@ -1576,6 +1641,12 @@ cdef class SessionCore(_Wire):
         return self._messages
 
     @property
+    def traffic(self):
+        """This connection's (messages received, payload bytes received, messages sent, payload
+        bytes sent): data messages, bytes as on the wire."""
+        return self._messages, self._bytes_in, self._messages_sent, self._bytes_sent
+
+    @property
     def last_read(self):
         """The keepalive clock (fastws._frame.set_clock) at the last byte received."""
         return self._last_read
@@ -1645,6 +1716,7 @@ cdef class SessionCore(_Wire):
                 or PyObject_CallMethodNoArgs(self._transport, S_BUFFER_SIZE) != 0:
             _fanout_queued += 1
             return self._send_raw(frame)  # something is queued: the transport keeps the order
+        self._count_frame_sent(frame)
         sent = fastws_send(self._fd, PyBytes_AS_STRING(frame), n)
         if sent == n:
             _fanout_direct += 1

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastws.handshake import DeflateOptions, Request
+from fastws.handshake import DeflateOptions, Headers, Request
 from fastws.hub import Hub
 
 if TYPE_CHECKING:
@@ -49,6 +49,12 @@ class Config:
     compression_window_bits: int = 12  # with context takeover: each connection's window (both ways)
     compression_mem_level: int = 5  # with context takeover: zlib memLevel of each connection's compressor
     trusted_proxies: Sequence[str] = ()  # addresses/networks whose forwarding headers we believe
+    proxy_protocol: bool = False  # trusted proxies must start each connection with a PROXY v1/v2 header
+    max_connections_per_ip: int = 0  # WebSocket sessions per client address (after proxies); 0 = no limit
+    keepalive_timeout: float = 5.0  # seconds an HTTP/1.1 connection may idle between plain requests
+    access_log: bool = False  # one "fastws.access" line per WebSocket connection and per refused upgrade
+    metrics: bool = False  # serve /metrics (Prometheus text format)
+    metrics_dir: str | None = None  # with workers: where they find each other for a scrape (set by run())
     drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to answer the 1001
     transport: str = "uvloop"  # "uvloop": the loop's own transports; "aiofastnet": aiofastnet's (Cython)
     deflate: DeflateOptions = field(init=False)
@@ -57,10 +63,10 @@ class Config:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
         for name in ("max_message_size", "max_connections", "max_pending_handshakes", "max_frames_per_read",
-                     "max_send_buffer", "send_budget", "max_queue_bytes"):
+                     "max_send_buffer", "send_budget", "max_queue_bytes", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
-        for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout"):
+        for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout", "keepalive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
         if self.max_queue < 1:
@@ -78,6 +84,8 @@ class Config:
             self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
         except ValueError as exc:
             raise ValueError(f"trusted_proxies: {exc}") from None
+        if self.proxy_protocol and not self._proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies: the addresses allowed to send PROXY headers")
 
     def is_trusted_proxy(self, host: str) -> bool:
         if not self._proxies:
@@ -136,6 +144,74 @@ class Response:
     headers: Sequence[tuple[str, str]] = ()
 
 
+class Reject(Exception):
+    """Refuse a WebSocket upgrade from a connect hook (raise it or return it): the client gets this
+    HTTP status, these headers (e.g. ``Location`` for a redirect, ``WWW-Authenticate`` for a 401)
+    and this short body."""
+
+    def __init__(self, status: int = 403, body: str | bytes = "", headers: Sequence[tuple[str, str]] = ()) -> None:
+        if not (isinstance(status, int) and 300 <= status <= 599):
+            raise ValueError(f"a rejection needs a 3xx, 4xx or 5xx status, not {status!r}")
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+@dataclass
+class Accept:
+    """Accept a WebSocket upgrade from a connect hook, optionally choosing the subprotocol (one the
+    client offered), adding response headers (``Set-Cookie``...) and attaching ``user``/``state``
+    (seen as ``session.user``/``session.state``; a user is also registered with the hub)."""
+
+    subprotocol: str | None = None  # None: the configured negotiation decides
+    headers: Sequence[tuple[str, str]] = ()
+    user: Any = None
+    state: Any = None
+
+
+@dataclass(eq=False)
+class ConnectRequest:
+    """What a connect hook knows about the connection asking to upgrade (before any 101 is sent)."""
+
+    request: Request
+    params: dict[str, str]  # path parameters of the route
+    remote: str  # the client's address, after trusted proxies / PROXY protocol
+    subprotocols: list[str]  # offered by the client, in its order
+
+    @property
+    def path(self) -> str:
+        return self.request.path
+
+    @property
+    def headers(self) -> Headers:
+        return self.request.headers
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query parameters, the first value of each (``request.query_params()`` has them all)."""
+        return {k: v[0] for k, v in self.request.query_params().items()}
+
+    @property
+    def origin(self) -> str | None:
+        return self.request.headers.get("origin")
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """The ``Cookie`` header as a dict (RFC 6265 5.4 pairs; the first of a repeated name wins)."""
+        jar: dict[str, str] = {}
+        for line in self.request.headers.get_all("cookie"):
+            for pair in line.split(";"):
+                name, eq, value = pair.strip().partition("=")
+                if eq and name and name not in jar:
+                    jar[name] = value.strip('"')
+        return jar
+
+
+ConnectResult = Accept | Reject | bool | None
+ConnectHook = Callable[[ConnectRequest], "ConnectResult | Awaitable[ConnectResult]"]
+
+
 # Route kinds
 ENDPOINT, HANDLER, HTTP = "endpoint", "handler", "http"
 
@@ -149,26 +225,38 @@ class Route:
     target: Any
     async_open: bool = False  # Endpoint.on_open is a coroutine function
     async_message: bool = False  # Endpoint.on_message is a coroutine function
+    on_connect: ConnectHook | None = None  # the route's own connect hook, else the App's
 
 
 class App:
     """Routes paths (``/chat/{room}``) to Endpoint classes, handler coroutines and HTTP handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, on_connect: ConnectHook | None = None) -> None:
+        """``on_connect(request)``: the connect hook of every WebSocket route without its own (see
+        ``route``)."""
         self._routes: list[Route] = []
+        self.on_connect = on_connect
         self.hub = Hub()
         self.http("/healthz")(self._healthz)
         self.server: Server | None = None
 
-    def route(self, path: str) -> Callable[[Target], Target]:
-        """Route WebSocket upgrades on ``path`` to an Endpoint subclass or ``async def handler(ws)``."""
+    def route(self, path: str, *, on_connect: ConnectHook | None = None) -> Callable[[Target], Target]:
+        """Route WebSocket upgrades on ``path`` to an Endpoint subclass or ``async def handler(ws)``.
+
+        ``on_connect(request: ConnectRequest)``, plain or ``async``, decides before the 101 (within
+        ``handshake_timeout``): return None/True or an ``Accept`` to accept, raise or return a
+        ``Reject`` (or return False: 403) to refuse.  It replaces the App's hook on this route.
+        """
+        if on_connect is not None and not callable(on_connect):
+            raise TypeError(f"on_connect {on_connect!r} is not callable")
 
         def register(target: Target) -> Target:
             if isinstance(target, type) and issubclass(target, Endpoint):
-                self._add(path, ENDPOINT, target, async_open=inspect.iscoroutinefunction(target.on_open),
+                self._add(path, ENDPOINT, target, on_connect=on_connect,
+                          async_open=inspect.iscoroutinefunction(target.on_open),
                           async_message=inspect.iscoroutinefunction(target.on_message))
             elif inspect.iscoroutinefunction(target):
-                self._add(path, HANDLER, target)
+                self._add(path, HANDLER, target, on_connect=on_connect)
             else:
                 raise TypeError(f"{target!r} is neither an Endpoint subclass nor an async function")
             return target
@@ -187,13 +275,16 @@ class App:
 
         return register
 
-    def _add(self, path: str, kind: str, target: Any, **flags: bool) -> None:
+    def _add(self, path: str, kind: str, target: Any, **flags: Any) -> None:
         if not path.startswith("/"):
             raise ValueError(f"route {path!r} must start with '/'")
         pattern = re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")
         # a later registration of the same path replaces the earlier one (e.g. /healthz)
         self._routes = [r for r in self._routes if r.pattern.pattern != pattern.pattern]
         self._routes.append(Route(pattern, kind, target, **flags))
+
+    def connect_hook(self, route: Route) -> ConnectHook | None:
+        return route.on_connect or self.on_connect
 
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
         for route in self._routes:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from fastws.app import App, Config
-from fastws.server import run
+from fastws.logs import LOG_FORMATS, configure
+from fastws.server import run, tls_context
 
 
 def load_app(spec: str) -> App:
@@ -65,22 +65,44 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", default=defaults.transport, choices=["uvloop", "aiofastnet"],
                    help="socket transports under the uvloop loop")
     p.add_argument("--redis", metavar="URL", help="fan rooms/broadcast out to other nodes via Redis pub/sub")
-    p.add_argument("--trusted-proxy", action="append", dest="trusted_proxies", default=[], metavar="ADDR")
+    p.add_argument("--trusted-proxy", action="append", dest="trusted_proxies", default=[], metavar="ADDR",
+                   help="address or network whose X-Forwarded-For / Forwarded / PROXY header is believed")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="trusted proxies start every connection with a PROXY v1/v2 header (HAProxy send-proxy)")
+    p.add_argument("--max-connections-per-ip", type=int, default=0,
+                   help="WebSocket connections per client address (after trusted proxies); more get 429")
+    p.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout,
+                   help="seconds an HTTP connection may idle between plain requests")
+    p.add_argument("--certfile", help="serve TLS (https://, wss://) with this PEM certificate chain")
+    p.add_argument("--keyfile", help="the certificate's private key (PEM; default: in --certfile)")
+    p.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="json: one JSON object per line")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                   help="one line per WebSocket connection and per refused upgrade (logger fastws.access); "
+                        "off by default: a line costs half as much again as a handshake")
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    configure(args.log_level, args.log_format, access_log=args.access_log)
     app = load_app(args.app)
     try:
         config = make_config(args)
     except ValueError as exc:
         raise SystemExit(f"fastws: {exc}") from None
+    context = None
+    if args.keyfile and not args.certfile:
+        raise SystemExit("fastws: --keyfile needs --certfile")
+    if args.certfile:
+        try:
+            context = tls_context(args.certfile, args.keyfile)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise SystemExit(f"fastws: cannot load the TLS certificate {args.certfile}: {exc}") from None
     if args.redis:
         from fastws.backplane.redis import RedisBackplane
 
         RedisBackplane(app.hub, args.redis)
     try:
-        return run(app, args.host, args.port, workers=args.workers, config=config)
+        return run(app, args.host, args.port, workers=args.workers, config=config, ssl=context)
     except OSError as exc:
         raise SystemExit(f"fastws: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
@@ -106,7 +128,12 @@ def make_config(args: argparse.Namespace) -> Config:
         compression=args.compression,
         compression_no_context_takeover=not args.compression_context_takeover,
         trusted_proxies=args.trusted_proxies,
+        proxy_protocol=args.proxy_protocol,
+        max_connections_per_ip=args.max_connections_per_ip,
+        keepalive_timeout=args.keepalive_timeout,
         transport=args.transport,
+        access_log=args.access_log,
+        metrics=args.metrics,
     )
 
 

@@ -71,6 +71,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         self.subprotocol = subprotocol
         self.deflate = deflate  # the negotiated permessage-deflate state (None: no compression)
         self.params = NO_PARAMS
+        self.opened_at = server.loop.time()  # for the access log's duration
 
     @property
     def close_timeout(self) -> float:  # type: ignore[override]
@@ -169,7 +170,10 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.receive_eof()
-        return True  # the state machine closes the transport itself
+        # the state machine closes the transport itself (a TLS transport closes on EOF anyway,
+        # and logs a warning when told to stay open)
+        transport = self.transport
+        return transport is None or transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.connection_ended():

@@ -27,7 +27,9 @@ __all__ = [
     "HeadParser",
     "DeflateOptions",
     "Accepted",
+    "Upgrade",
     "is_websocket_upgrade",
+    "negotiate",
     "accept",
     "http_response",
     "error_response",
@@ -43,19 +45,23 @@ class Headers:
     """Case-insensitive multi-map of header fields; keeps order and original names.
 
     Iteration and len() are over header *lines* (a repeated name appears twice).
-    A session keeps its request's headers packed into one bytes object
-    (``packed()``), parsed again on each access: an idle connection then pays
-    a few hundred bytes for them instead of two small objects per field.
+    Lookups go through an index by lower-case name, built on the first one (a
+    handshake looks up a dozen names).  A session keeps its request's headers
+    packed into one bytes object (``packed()``), parsed again on each access: an
+    idle connection then pays a few hundred bytes for them instead of two small
+    objects per field.
     """
 
-    __slots__ = ("_items", "_packed")
+    __slots__ = ("_items", "_packed", "_index")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] | None = list(items)
         self._packed: bytes = b""
+        self._index: dict[str, list[str]] | None = None
 
     def add(self, name: str, value: str) -> None:
         self._pairs().append((name, value))
+        self._index = None
 
     def packed(self) -> Headers:
         """A read-only copy stored compactly (values are latin-1, so this round-trips)."""
@@ -70,23 +76,38 @@ class Headers:
         fields = self._packed.decode("latin-1").split("\0")
         return list(zip(fields[0:-1:2], fields[1:-1:2], strict=True))
 
+    def index(self) -> dict[str, list[str]]:
+        """Lower-case name -> values, in order (read-only: the same dict serves every lookup)."""
+        return self._lookup()
+
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for k, v in self._pairs():
+                key = k.lower()
+                values = index.get(key)
+                if values is None:
+                    index[key] = [v]
+                else:
+                    values.append(v)
+            if self._items is not None:  # a packed copy stays small: no index kept
+                self._index = index
+        return index
+
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``."""
-        key = name.lower()
-        for k, v in self._pairs():
-            if k.lower() == key:
-                return v
-        return default
+        values = self._lookup().get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        key = name.lower()
-        return [v for k, v in self._pairs() if k.lower() == key]
+        return list(self._lookup().get(name.lower(), ()))
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._pairs())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and name.lower() in self._lookup()
 
     def __len__(self) -> int:
         return len(self._pairs())
@@ -144,27 +165,13 @@ class Request:
 
 
 class _Sink:
-    """httptools callbacks; kept apart so HeadParser's namespace stays clean."""
+    """The one httptools callback we need: llhttp validates the head, we split it afterwards
+    (a Python call per header field from llhttp would cost more than the split)."""
 
-    __slots__ = ("url", "headers", "max_headers", "too_many", "complete")
+    __slots__ = ("complete",)
 
-    def __init__(self, max_headers: int) -> None:
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.max_headers = max_headers
-        self.too_many = False
+    def __init__(self) -> None:
         self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url  # may arrive in pieces
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.max_headers:
-            self.too_many = True
-            raise OverflowError  # stops llhttp; HeadParser turns it into a 431
-        # Header bytes are opaque octets: latin-1 maps them 1:1. llhttp strips
-        # leading whitespace of values but keeps trailing whitespace.
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -177,20 +184,29 @@ class HeadParser:
     invalid tokens, and conflicting Content-Length/Transfer-Encoding are all
     rejected (400). The head ends at the first CRLF CRLF; only the head is given
     to llhttp, so whatever follows (frames pipelined behind the upgrade, or a
-    body) is left in ``rest`` untouched.
+    body) is left in ``rest`` untouched.  Once llhttp has accepted the whole
+    head, it is split into fields here: every line is then known to be
+    ``name: value`` with a valid token for a name.
     """
 
-    __slots__ = ("max_head_size", "_parser", "_sink", "_size", "_tail", "_error", "_request", "rest")
+    __slots__ = ("max_head_size", "max_headers", "_parser", "_sink", "_head", "_lines", "_error", "_request",
+                 "rest")
 
     def __init__(self, *, max_head_size: int = 8192, max_headers: int = 64) -> None:
         self.max_head_size = max_head_size
-        self._sink = _Sink(max_headers)
+        self.max_headers = max_headers
+        self._sink = _Sink()
         self._parser = httptools.HttpRequestParser(self._sink)
-        self._size = 0  # head bytes consumed so far
-        self._tail = b""  # last bytes seen, to find a CRLF CRLF split across feeds
+        self._head = bytearray()  # the head so far (at most max_head_size bytes)
+        self._lines = 0  # CRLFs in it
         self._error: HandshakeError | None = None
         self._request: Request | None = None
         self.rest = b""
+
+    @property
+    def idle(self) -> bool:
+        """No byte of a request has arrived yet."""
+        return not self._head and self._request is None
 
     def feed(self, data: bytes | bytearray | memoryview) -> Request | None:
         """Consume bytes; return the Request once the head is complete, else None.
@@ -210,45 +226,51 @@ class HeadParser:
             raise
 
     def _feed(self, data: bytes) -> Request | None:
-        window = self._tail + data
+        seen = self._head
+        window = bytes(seen[-3:]) + data
         end = window.find(b"\r\n\r\n")
         if end >= 0:
-            cut = end + 4 - len(self._tail)  # end of the head inside ``data``
+            cut = end + 4 - min(3, len(seen))  # end of the head inside ``data``
             head, rest = data[:cut], data[cut:]
         else:
             head, rest = data, b""
-            self._tail = window[-3:]
         # Let llhttp see what fits under the limit first: garbage gets a 400, not a 431.
-        allowed = self.max_head_size - self._size
+        allowed = self.max_head_size - len(seen)
         too_big = len(head) > allowed
         if too_big:
             head = head[:allowed]
-        self._size += len(head)
+        self._lines += (bytes(seen[-1:]) + head).count(b"\r\n")
+        seen += head
 
-        sink = self._sink
         try:
             self._parser.feed_data(head)
         except httptools.HttpParserUpgrade:
             pass  # llhttp pauses after an upgrade request's head: that is the end we wanted
         except httptools.HttpParserError as exc:
-            if sink.too_many:
-                raise HandshakeError(431, f"more than {sink.max_headers} header fields") from None
-            raise HandshakeError(400, _parse_error_reason(exc, self._size, head)) from None
+            raise HandshakeError(400, _parse_error_reason(exc, len(seen), head)) from None
+        complete = end >= 0 and not too_big
+        fields = self._lines - (2 if complete else 1)  # not the request line, nor the final empty one
+        if fields > self.max_headers:
+            raise HandshakeError(431, f"more than {self.max_headers} header fields")
         if too_big:
             raise HandshakeError(431, f"request head larger than {self.max_head_size} bytes")
 
-        if end < 0:
+        if not complete:
             return None
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):  # e.g. 0.9, or the HTTP/2 preface "PRI * HTTP/2.0"
             raise HandshakeError(505, f"HTTP version {version} not supported")
-        if not sink.complete:  # llhttp saw the head end but no complete head: never trust silence
+        if not self._sink.complete:  # llhttp saw the head end but no complete head: never trust silence
             raise HandshakeError(400, "malformed HTTP request head")
-        self._request = _make_request(
-            self._parser.get_method().decode("ascii"), sink.url, sink.headers, version
-        )
+        lines = seen.decode("latin-1").split("\r\n")  # header bytes are opaque octets: latin-1 maps 1:1
+        target = lines[0].partition(" ")[2].rpartition(" ")[0]
+        header_list = []
+        for line in lines[1:-2]:
+            name, _, value = line.partition(":")
+            header_list.append((name, value.strip(" \t")))
+        self._request = _make_request(self._parser.get_method().decode("ascii"), target, header_list, version)
         self.rest = rest
-        self._sink = self._parser = None  # type: ignore[assignment]  # done: free llhttp state
+        self._sink = self._parser = self._head = None  # type: ignore[assignment]  # done: free llhttp state
         return self._request
 
 
@@ -259,8 +281,7 @@ def _parse_error_reason(exc: Exception, size: int, chunk: bytes) -> str:
     return f"malformed HTTP request: {detail[:1].lower()}{detail[1:]}"
 
 
-def _make_request(method: str, url: bytes, header_list: list[tuple[str, str]], version: str) -> Request:
-    target = url.decode("latin-1")
+def _make_request(method: str, target: str, header_list: list[tuple[str, str]], version: str) -> Request:
     if target.startswith("/"):
         raw_path, _, query = target.partition("?")
     elif "://" in target:  # absolute-form (proxies)
@@ -286,7 +307,20 @@ class Accepted:
 
 def _tokens(values: list[str]) -> list[str]:
     """Comma-separated list elements over several header lines, stripped, empties dropped."""
-    return [t for v in values for t in (p.strip(" \t") for p in v.split(",")) if t]
+    tokens = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip(" \t")
+            if part:
+                tokens.append(part)
+    return tokens
+
+
+def _has_token(values: list[str], token: str) -> bool:
+    """``token`` (lower case) is one of the comma-separated elements, case-insensitively."""
+    if len(values) == 1 and values[0].lower() == token:  # the usual case: one header, one element
+        return True
+    return any(t.lower() == token for t in _tokens(values))
 
 
 def _show(value: str) -> str:
@@ -296,7 +330,59 @@ def _show(value: str) -> str:
 
 def is_websocket_upgrade(request: Request) -> bool:
     """True if the request asks to upgrade to websocket (routes WS vs plain HTTP)."""
-    return any(t.lower() == "websocket" for t in _tokens(request.headers.get_all("Upgrade")))
+    return _has_token(request.headers.get_all("upgrade"), "websocket")
+
+
+@dataclass(slots=True)
+class Upgrade:
+    """A valid upgrade request, negotiated but not yet answered (a connect hook may still refuse it)."""
+
+    key: str
+    offered: list[str]  # subprotocols the client offered, in its order
+    subprotocol: str | None  # what the configuration chose among them
+    deflate: PerMessageDeflate | None
+
+    def response(self, subprotocol: str | None = None, headers: Sequence[tuple[str, str]] = ()) -> Accepted:
+        """The 101 for this upgrade: ``subprotocol`` (one that was offered) overrides the negotiated
+        one; ``headers`` are added (ValueError for CR/LF or a subprotocol that was not offered)."""
+        chosen = self.subprotocol
+        if subprotocol is not None:
+            if subprotocol not in self.offered:
+                raise ValueError(f"subprotocol {subprotocol!r} was not offered by the client ({self.offered})")
+            chosen = subprotocol
+        lines = [SWITCHING, accept_key(self.key).encode("ascii"), b"\r\n"]
+        if chosen is not None:
+            lines += (b"Sec-WebSocket-Protocol: ", chosen.encode("ascii"), b"\r\n")
+        if self.deflate is not None:
+            lines += (b"Sec-WebSocket-Extensions: ", self.deflate.response_params().encode("ascii"), b"\r\n")
+        for name, value in headers:
+            _check_field(name, value)
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(b"\r\n")
+        return Accepted(b"".join(lines), chosen, self.deflate)
+
+
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+
+
+def negotiate(
+    request: Request,
+    *,
+    subprotocols: Sequence[str] = (),
+    select_subprotocol: Callable[[Request, list[str]], str | None] | None = None,
+    allowed_origins: Sequence[str] | None = None,
+    deflate: DeflateOptions | None = None,
+    max_message_size: int = 1 << 20,
+) -> Upgrade:
+    """Validate an upgrade request and negotiate subprotocol and extensions; raise HandshakeError
+    to refuse.  ``select_subprotocol(request, offered)`` overrides the ``subprotocols`` preference
+    order; an answer the client did not offer counts as None.  It may raise HandshakeError itself
+    (e.g. 403) to refuse the connection."""
+    key = _check_request(request, allowed_origins)
+    offered = _offered_subprotocols(request)
+    subprotocol = _choose_subprotocol(request, offered, subprotocols, select_subprotocol)
+    pmd = _negotiate_deflate(request, deflate, max_message_size)
+    return Upgrade(key, offered, subprotocol, pmd)
 
 
 def accept(
@@ -308,33 +394,25 @@ def accept(
     deflate: DeflateOptions | None = None,
     max_message_size: int = 1 << 20,
 ) -> Accepted:
-    """Validate an upgrade request and build the 101 response; raise HandshakeError to refuse.
+    """Validate an upgrade request and build the 101 response (``negotiate`` then its ``response``)."""
+    return negotiate(request, subprotocols=subprotocols, select_subprotocol=select_subprotocol,
+                     allowed_origins=allowed_origins, deflate=deflate,
+                     max_message_size=max_message_size).response()
 
-    ``select_subprotocol(request, offered)`` overrides the ``subprotocols``
-    preference order; an answer the client did not offer counts as None. It
-    may raise HandshakeError itself (e.g. 403) to refuse the connection.
-    """
-    key = _check_request(request, allowed_origins)
-    subprotocol = _choose_subprotocol(request, subprotocols, select_subprotocol)
-    pmd = _negotiate_deflate(request, deflate, max_message_size)
 
-    lines = [
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: ",
-        accept_key(key).encode("ascii"),
-        b"\r\n",
-    ]
-    if subprotocol is not None:
-        lines += (b"Sec-WebSocket-Protocol: ", subprotocol.encode("ascii"), b"\r\n")
-    if pmd is not None:
-        lines += (b"Sec-WebSocket-Extensions: ", pmd.response_params().encode("ascii"), b"\r\n")
-    lines.append(b"\r\n")
-    return Accepted(b"".join(lines), subprotocol, pmd)
+_NONE: list[str] = []
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def _is_key(key: str) -> bool:
+    """``key`` is the base64 form of 16 bytes (22 characters, the last one holding 4 bits, and "==")."""
+    return len(key) == 24 and key[22:] == "==" and key[21] in "AQgw" and _KEY_CHARS.issuperset(key[:21])
 
 
 def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> str:
     """RFC 6455 section 4.2.1 checks, in an order that gives the most useful answer. Returns the key."""
-    headers = request.headers
+    fields = request.headers.index()
+    field = fields.get
     if request.method != "GET":
         raise HandshakeError(
             405, f"method {request.method} not allowed: a WebSocket handshake uses GET", [("Allow", "GET")]
@@ -342,7 +420,7 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
     if request.http_version != "1.1":
         raise HandshakeError(400, f"WebSocket upgrade requires HTTP/1.1, not HTTP/{request.http_version}")
 
-    hosts = headers.get_all("Host")
+    hosts = field("host", _NONE)
     if not hosts:
         raise HandshakeError(400, "missing Host header")
     if len(hosts) > 1:
@@ -350,59 +428,63 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
     if not hosts[0]:
         raise HandshakeError(400, "empty Host header")
 
-    if "Upgrade" not in headers:
+    upgrades = field("upgrade")
+    if upgrades is None:
         raise HandshakeError(
             426, "this is a WebSocket endpoint: missing Upgrade: websocket header", [("Upgrade", "websocket")]
         )
-    if not is_websocket_upgrade(request):
+    if not _has_token(upgrades, "websocket"):
         raise HandshakeError(
             426,
-            f"Upgrade header {_show(', '.join(headers.get_all('Upgrade')))} does not offer websocket",
+            f"Upgrade header {_show(', '.join(upgrades))} does not offer websocket",
             [("Upgrade", "websocket")],
         )
-    if not any(t.lower() == "upgrade" for t in _tokens(headers.get_all("Connection"))):
+    if not _has_token(field("connection", _NONE), "upgrade"):
         raise HandshakeError(400, "Connection header must include Upgrade")
 
+    keys = field("sec-websocket-key", _NONE)
     # Old drafts first: their clients get a pointer to the right protocol, not a key error.
-    if "Sec-WebSocket-Key1" in headers and "Sec-WebSocket-Key" not in headers:
+    if not keys and "sec-websocket-key1" in fields:
         raise HandshakeError(
             426,
             "hixie-76 (draft 76) WebSocket handshakes are not supported; use RFC 6455",
             [("Sec-WebSocket-Version", "13")],
         )
-    versions = _tokens(headers.get_all("Sec-WebSocket-Version"))
-    if not versions:
-        raise HandshakeError(
-            426,
-            "missing Sec-WebSocket-Version header (this server speaks version 13)",
-            [("Sec-WebSocket-Version", "13")],
-        )
+    versions = field("sec-websocket-version", _NONE)
     if versions != ["13"]:
-        raise HandshakeError(
-            426,
-            f"unsupported Sec-WebSocket-Version {_show(', '.join(versions))}; this server speaks version 13",
-            [("Sec-WebSocket-Version", "13")],
-        )
+        versions = _tokens(versions)
+        if not versions:
+            raise HandshakeError(
+                426,
+                "missing Sec-WebSocket-Version header (this server speaks version 13)",
+                [("Sec-WebSocket-Version", "13")],
+            )
+        if versions != ["13"]:
+            raise HandshakeError(
+                426,
+                f"unsupported Sec-WebSocket-Version {_show(', '.join(versions))}; this server speaks version 13",
+                [("Sec-WebSocket-Version", "13")],
+            )
 
-    keys = headers.get_all("Sec-WebSocket-Key")
     if not keys:
         raise HandshakeError(400, "missing Sec-WebSocket-Key header")
     if len(keys) > 1:
         raise HandshakeError(400, "multiple Sec-WebSocket-Key headers")
     key = keys[0]
-    try:
-        raw = base64.b64decode(key.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise HandshakeError(400, f"Sec-WebSocket-Key {_show(key)} is not valid base64") from None
-    if len(raw) != 16:
-        raise HandshakeError(400, f"Sec-WebSocket-Key must be 16 bytes base64-encoded, got {len(raw)} bytes")
+    if not _is_key(key):  # the slow way, for the error message
+        try:
+            raw = base64.b64decode(key.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise HandshakeError(400, f"Sec-WebSocket-Key {_show(key)} is not valid base64") from None
+        if len(raw) != 16:
+            raise HandshakeError(400, f"Sec-WebSocket-Key must be 16 bytes base64-encoded, got {len(raw)} bytes")
 
     # A body behind an upgrade would be read as WebSocket frames: refuse (smuggling).
-    if headers.get_all("Transfer-Encoding") or any(v != "0" for v in headers.get_all("Content-Length")):
+    if "transfer-encoding" in fields or any(v != "0" for v in field("content-length", _NONE)):
         raise HandshakeError(400, "a WebSocket upgrade request must not have a body")
 
     if allowed_origins is not None:
-        origins = headers.get_all("Origin")
+        origins = field("origin", _NONE)
         if not origins:
             raise HandshakeError(403, "missing Origin header")
         if len(origins) > 1:
@@ -413,15 +495,20 @@ def _check_request(request: Request, allowed_origins: Sequence[str] | None) -> s
     return key
 
 
-def _choose_subprotocol(
-    request: Request,
-    subprotocols: Sequence[str],
-    select_subprotocol: Callable[[Request, list[str]], str | None] | None,
-) -> str | None:
+def _offered_subprotocols(request: Request) -> list[str]:
     offered = _tokens(request.headers.get_all("Sec-WebSocket-Protocol"))
     for proto in offered:
         if not all(c in _TCHAR for c in proto):
             raise HandshakeError(400, f"malformed Sec-WebSocket-Protocol value {_show(proto)}")
+    return offered
+
+
+def _choose_subprotocol(
+    request: Request,
+    offered: list[str],
+    subprotocols: Sequence[str],
+    select_subprotocol: Callable[[Request, list[str]], str | None] | None,
+) -> str | None:
     if select_subprotocol is not None:
         chosen = select_subprotocol(request, offered)
         return chosen if chosen in offered else None  # never echo something the client can't accept
@@ -580,7 +667,7 @@ def check_client_response(
 
     if not any(t.lower() == "websocket" for t in _tokens(headers.get_all("Upgrade"))):
         raise fail("missing Upgrade: websocket")
-    if not any(t.lower() == "upgrade" for t in _tokens(headers.get_all("Connection"))):
+    if not _has_token(headers.get_all("connection"), "upgrade"):
         raise fail("missing Connection: Upgrade")
     accepts = headers.get_all("Sec-WebSocket-Accept")
     if len(accepts) != 1 or accepts[0] != accept_key(key):

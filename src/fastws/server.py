@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,13 @@ from fastws.app import App, Config
 from fastws.errors import CloseCode, ProtocolError
 from fastws.http import HttpProtocol
 from fastws.keepalive import Keepalive
-from fastws.logs import Throttle
+from fastws.logs import Throttle, access, log_session
 
 if TYPE_CHECKING:
     from fastws.connection import Session
 
 log = logging.getLogger("fastws")
+KEEPALIVE_TIMEOUT = (CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
 
 class Server:
@@ -49,6 +51,18 @@ class Server:
         self._unsent: dict[Session, int] = {}
         self.unsent_bytes = 0
         self._throttle = Throttle(log)
+        self._http_sweep: asyncio.TimerHandle | None = None
+        cfg = self.config
+        self._sweep_every = min(1.0, max(0.05, min(cfg.handshake_timeout, cfg.keepalive_timeout) / 4))
+        self._per_address: dict[str, int] = {}  # sessions (and upgrades in progress) per client address
+        self.access_log = cfg.access_log  # the access lines are written (the logger may still drop them)
+        self.metrics = None
+        self._worker_metrics = None
+        if cfg.metrics:
+            from fastws.metrics import ProcessMetrics
+
+            self.metrics = ProcessMetrics()
+            app.http("/metrics")(self._metrics_route)
 
     def next_session_id(self) -> int:
         self._next_id += 1
@@ -65,8 +79,10 @@ class Server:
     # -- listening -------------------------------------------------------------------------
 
     async def listen(self, host: str = "127.0.0.1", port: int = 8000, *, sock: socket.socket | None = None,
-                     reuse_port: bool = False, backlog: int = 4096) -> list[tuple[str, int]]:
-        """Start accepting; returns the bound addresses."""
+                     reuse_port: bool = False, backlog: int = 4096,
+                     ssl: ssl.SSLContext | None = None) -> list[tuple[str, int]]:
+        """Start accepting (TLS with ``ssl``: every route is then https:// and wss://); returns the
+        bound addresses."""
         if self.config.transport == "aiofastnet":
             import aiofastnet
 
@@ -74,16 +90,24 @@ class Server:
         else:
             create_server = self.loop.create_server
         factory = functools.partial(HttpProtocol, self)
+        tls: dict[str, Any] = {}
+        if ssl is not None:  # the TLS handshake is part of the handshake's time limit
+            tls = {"ssl": ssl, "ssl_handshake_timeout": self.config.handshake_timeout}
         if sock is not None:
-            srv = await create_server(factory, sock=sock, backlog=backlog)
+            srv = await create_server(factory, sock=sock, backlog=backlog, **tls)
         else:
-            srv = await create_server(factory, host, port, reuse_port=reuse_port or None, backlog=backlog)
+            srv = await create_server(factory, host, port, reuse_port=reuse_port or None, backlog=backlog, **tls)
         self._servers.append(srv)
         if not self._started:
             self._started = True
             backplane = self.hub.backplane
             if backplane is not None and hasattr(backplane, "start"):
                 await backplane.start()
+            if self.metrics is not None and self.config.metrics_dir:
+                from fastws.metrics import WorkerMetrics
+
+                self._worker_metrics = WorkerMetrics(self, self.config.metrics_dir)
+                await self._worker_metrics.start()
         return [s.getsockname()[:2] for s in srv.sockets]
 
     # -- the HTTP phase ------------------------------------------------------------------------
@@ -96,13 +120,49 @@ class Server:
             self.stats["pending_handshakes_refused"] += 1
             return False
         self._http.add(proto)
+        if self._http_sweep is None:
+            self._http_sweep = self.loop.call_later(self._sweep_every, self._sweep_http)
         return True
 
     def http_ended(self, proto: HttpProtocol) -> None:
         self._http.discard(proto)
 
+    def _sweep_http(self) -> None:
+        """One timer for the whole HTTP phase (not one per connection): time out what is late."""
+        now = self.loop.time()
+        for proto in [p for p in self._http if p.deadline <= now]:
+            try:
+                proto.timed_out()
+            except Exception:  # one broken connection must not stop the sweep
+                log.exception("timing out %r", proto)
+        self._http_sweep = self.loop.call_later(self._sweep_every, self._sweep_http) if self._http else None
+
     def handshake_failed(self, status: int) -> None:
         self.stats["handshake_failures"] += 1
+        if self.metrics is not None:
+            self.metrics.rejected[status] += 1
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- connections per client address ------------------------------------------------------
+
+    def claim_address(self, remote: str) -> bool:
+        """An upgrade from ``remote`` may go on (max_connections_per_ip); it counts until
+        release_address (a refusal) or its session is gone."""
+        held = self._per_address.get(remote, 0)
+        if held >= self.config.max_connections_per_ip:
+            return False
+        self._per_address[remote] = held + 1
+        return True
+
+    def release_address(self, remote: str) -> None:
+        held = self._per_address.get(remote, 0) - 1
+        if held > 0:
+            self._per_address[remote] = held
+        else:
+            self._per_address.pop(remote, None)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -118,6 +178,15 @@ class Server:
         self.hub.remove(session)
         self.keepalive.remove(session)
         self.writing_resumed(session)
+        if self.config.max_connections_per_ip:
+            self.release_address(session.remote)
+        if session.sent_close == KEEPALIVE_TIMEOUT:  # what fastws.keepalive closes a silent peer with
+            self._throttle.log(logging.INFO, "keepalive", "session %d from %s: no answer to a ping within %g s "
+                               "(1011)", session.id, session.remote, self.config.ping_timeout)
+        if self.metrics is not None:
+            self.metrics.session_ended(session)
+        if self.access_log and access.isEnabledFor(logging.INFO):
+            log_session(session, self.loop.time())
         if not self.hub.sessions:
             self._all_gone.set()
 
@@ -135,7 +204,8 @@ class Server:
 
     def protocol_error(self, session: Session, exc: ProtocolError) -> None:
         self.stats["protocol_errors"] += 1
-        log.debug("session %d from %s: %s", session.id, session.remote, exc)
+        self._throttle.log(logging.INFO, "protocol", "session %d from %s: protocol error %d: %s", session.id,
+                           session.remote, exc.code, exc.reason)
 
     def slow_consumer(self, session: Session) -> None:
         self.stats["slow_consumers"] += 1
@@ -186,6 +256,23 @@ class Server:
         return {"pid": os.getpid(), "connections": self.session_count,
                 "pending_handshakes": self.pending_handshakes, "unsent_bytes": self.unsent_bytes, **self.stats}
 
+    # -- /metrics --------------------------------------------------------------------------------
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This process's counters (fastws.metrics); metrics must be on."""
+        assert self.metrics is not None
+        return self.metrics.snapshot(self)
+
+    async def _metrics_route(self, request: Any) -> Any:
+        from fastws.app import Response
+        from fastws.metrics import render
+
+        if self._worker_metrics is not None:
+            snapshot = await self._worker_metrics.gather()
+        else:
+            snapshot = self.metrics_snapshot()
+        return Response(render(snapshot), content_type="text/plain; version=0.0.4; charset=utf-8")
+
     # -- shutdown ----------------------------------------------------------------------------------
 
     async def shutdown(self, timeout: float | None = None) -> None:
@@ -194,6 +281,8 @@ class Server:
         self._stopping = True
         for srv in self._servers:
             srv.close()
+        if self._worker_metrics is not None:
+            await self._worker_metrics.stop()
         for proto in list(self._http):
             proto.shutdown()
         for session in list(self.hub.sessions.values()):
@@ -212,6 +301,9 @@ class Server:
             except asyncio.TimeoutError:
                 log.warning("%d sessions still open after shutdown", self.session_count)
         self.keepalive.stop()
+        if self._http_sweep is not None:
+            self._http_sweep.cancel()
+            self._http_sweep = None
         await self._stop_tasks()
         backplane = self.hub.backplane
         if backplane is not None and hasattr(backplane, "close"):
@@ -242,15 +334,27 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def tls_context(certfile: str, keyfile: str | None = None, *, password: str | None = None) -> ssl.SSLContext:
+    """A server TLS context for ``certfile`` (a PEM chain) and ``keyfile``: TLS 1.2+, HTTP/1.1 by ALPN."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile, password)
+    context.set_alpn_protocols(["http/1.1"])
+    context.options |= ssl.OP_NO_COMPRESSION
+    return context
+
+
 async def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, config: Config | None = None,
-                reuse_port: bool = False, ready: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
+                reuse_port: bool = False, ready: Callable[[list[tuple[str, int]]], None] | None = None,
+                ssl: ssl.SSLContext | None = None) -> None:
     """Serve ``app`` until SIGINT/SIGTERM, then shut down gracefully."""
     server = Server(app, config)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         server.loop.add_signal_handler(sig, stop.set)
-    addresses = await server.listen(host, port, reuse_port=reuse_port)
-    log.info("fastws %d listening on %s", os.getpid(), ", ".join(f"http://{h}:{p}" for h, p in addresses))
+    addresses = await server.listen(host, port, reuse_port=reuse_port, ssl=ssl)
+    scheme = "https" if ssl is not None else "http"
+    log.info("fastws %d listening on %s", os.getpid(), ", ".join(f"{scheme}://{h}:{p}" for h, p in addresses))
     if ready:
         ready(addresses)
     await stop.wait()
@@ -259,29 +363,42 @@ async def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, config: 
 
 
 def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1,
-        config: Config | None = None) -> int:
+        config: Config | None = None, ssl: ssl.SSLContext | None = None) -> int:
     """Run ``app`` until SIGINT/SIGTERM; returns the process exit status.
 
     With workers > 1, that many processes share the port (SO_REUSEPORT) under
     a supervisor (fastws.workers).  Raises OSError if the port cannot be
-    opened (workers == 1).
+    opened (workers == 1).  ``ssl``: serve TLS (see ``tls_context``).
     """
     if workers <= 1:
-        run_one(app, host, port, config, reuse_port=False)
+        run_one(app, host, port, config, False, ssl)
         return 0
+    import dataclasses
+    import shutil
+    import tempfile
+
     from fastws.workers import Supervisor
 
     cfg = config or Config()
-    return Supervisor(functools.partial(run_one, app, host, port, cfg, True), workers, host=host, port=port,
-                      stop_timeout=cfg.drain_timeout + cfg.close_timeout).run()
+    made_dir = None
+    if cfg.metrics and not cfg.metrics_dir:  # where the workers find each other for a scrape
+        made_dir = tempfile.mkdtemp(prefix="fastws-metrics-")
+        cfg = dataclasses.replace(cfg, metrics_dir=made_dir)
+    try:
+        return Supervisor(functools.partial(run_one, app, host, port, cfg, True, ssl), workers, host=host,
+                          port=port, stop_timeout=cfg.drain_timeout + cfg.close_timeout).run()
+    finally:
+        if made_dir is not None:
+            shutil.rmtree(made_dir, ignore_errors=True)
 
 
-def run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool) -> None:
+def run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool,
+            ssl: ssl.SSLContext | None = None) -> None:
     """One server process: serve until signalled, then end every task before closing the loop."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(app, host, port, config=config, reuse_port=reuse_port))
+        loop.run_until_complete(serve(app, host, port, config=config, reuse_port=reuse_port, ssl=ssl))
     finally:
         try:
             _cancel_remaining(loop)
