@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import struct
 import subprocess
+import time
 
 import pytest
 import websockets
@@ -85,6 +87,10 @@ async def test_chat_reaches_clients_on_the_other_node(start_server, redis_port):
         await wait_for(lambda: bp_a.stats["received"] == bp_b.stats["sends"]
                        and bp_b.stats["received"] == bp_a.stats["sends"], 10)
         assert bp_a.stats["sends"] >= 2 and bp_b.stats["sends"] >= 2
+        # each arrival's lag from its publication on the other node (same host: same clock)
+        for bp in (bp_a, bp_b):
+            assert sum(bp.receive_lag.counts) == bp.stats["received"]
+            assert 0 < bp.receive_lag.sum < bp.stats["received"] * 5
 
 
 async def test_publications_go_only_where_there_are_members(start_server, redis_port):
@@ -150,8 +156,12 @@ async def test_a_malformed_publication_is_counted_and_delivery_goes_on(start_ser
         channel = f"fastws:node:{bp_a.node_id}"
         r = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
         try:
-            for junk in (b"", b"r", b"r\x00\x05lob", b"x\x00\x05lobbytno such kind", b"r\x00\x05lobbyq?",
-                         b"r\x00\x02\xff\xfetbad name", envelope(ROOM, "lobby", "x")[:-1] + b"\xff"):
+            def stamp(name_length: int) -> bytes:  # the publication time and the name's length
+                return struct.pack(">dH", time.time(), name_length)
+
+            for junk in (b"", b"r", b"r" + stamp(5)[:6], b"x" + stamp(5) + b"lobbytno such kind",
+                         b"r" + stamp(5) + b"lobbyq?", b"r" + stamp(2) + b"\xff\xfetbad name",
+                         envelope(ROOM, "lobby", "x")[:-1] + b"\xff"):
                 await r.publish(channel, junk)
             await r.publish("fastws:membership", b"\xff not an event")
             await r.publish(channel, envelope(ROOM, "lobby", "hello from a well-formed publication"))

@@ -143,3 +143,26 @@ async def test_keepalive_timeouts_and_protocol_errors_are_counted(start_server, 
     assert value(samples, "fastws_closes_total", code="1011", side="local") == 1
     assert value(samples, "fastws_closes_total", code="1002", side="local") == 2
     assert value(samples, "fastws_connections_accepted_total") == 3
+
+
+async def test_ping_round_trips_and_fanout_are_measured(start_server, demo_app: App) -> None:
+    server, port = await start_server(demo_app, metrics=True, ping_interval=0.2, ping_timeout=5)
+    feed = f"ws://127.0.0.1:{port}/feed"
+    async with websockets.connect(feed) as a, websockets.connect(feed) as b, websockets.connect(feed) as c:
+        await wait_for(lambda: server.session_count == 3)
+        for _ in range(200):  # websockets answers the server's pings by itself
+            samples = await scrape(port)
+            if value(samples, "fastws_ping_rtt_seconds_count") >= 3:
+                break
+            await asyncio.sleep(0.05)
+        pongs = value(samples, "fastws_ping_rtt_seconds_count")
+        assert pongs >= 3
+        assert 0 < value(samples, "fastws_ping_rtt_seconds_sum") < pongs * 5  # each under the ping timeout
+        await a.send("quote")  # /feed: one publication to its three subscribers
+        assert [await ws.recv() for ws in (a, b, c)] == ["quote"] * 3
+        samples = await scrape(port)
+    assert value(samples, "fastws_fanout_recipients_count") == 1
+    assert value(samples, "fastws_fanout_recipients_sum") == 3
+    assert value(samples, "fastws_fanout_recipients_bucket", le="1.0") == 0
+    assert value(samples, "fastws_fanout_recipients_bucket", le="10.0") == 1
+    assert 0 < value(samples, "fastws_fanout_duration_seconds_sum") < 1

@@ -30,6 +30,7 @@ cdef extern from "Python.h":
 cdef extern from "_sock.h" nogil:
     long fastws_send(int fd, const void *buf, size_t n)  # non-blocking, no SIGPIPE; -1 on Windows
     int fastws_would_block()
+    double fastws_monotonic()
 
 cdef extern from "pythread.h":
     unsigned long PyThread_get_thread_ident()
@@ -433,6 +434,33 @@ def traffic_counts():
     received, then the same four sent."""
     return (_messages_in[0], _bytes_in[0], _messages_in[1], _bytes_in[1],
             _messages_out[0], _bytes_out[0], _messages_out[1], _bytes_out[1])
+
+
+# Keepalive ping round trips, for /metrics: counts per bucket (the last is +Inf) and their sum.
+PING_RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+DEF N_RTT_BUCKETS = 16
+cdef double _rtt_bounds[N_RTT_BUCKETS]
+cdef unsigned long long _rtt_counts[N_RTT_BUCKETS + 1]
+cdef double _rtt_sum = 0.0
+for _i, _b in enumerate(PING_RTT_BUCKETS):
+    _rtt_bounds[_i] = _b
+_rtt_counts[:] = [0] * (N_RTT_BUCKETS + 1)
+
+
+cdef void _observe_rtt(double seconds) noexcept:
+    global _rtt_sum
+    cdef int i = 0
+    while i < N_RTT_BUCKETS and seconds > _rtt_bounds[i]:
+        i += 1
+    _rtt_counts[i] += 1
+    _rtt_sum += seconds
+
+
+def ping_rtt_counts():
+    """(counts per PING_RTT_BUCKETS bucket, the last for +Inf; sum of seconds) of the keepalive
+    pings answered in this process."""
+    return [_rtt_counts[i] for i in range(N_RTT_BUCKETS + 1)], _rtt_sum
 
 
 cdef Py_ssize_t frame_payload_length(const uint8_t *p, Py_ssize_t size) noexcept:
@@ -1509,6 +1537,20 @@ cdef class FrameReader(_Wire):
         self._feed(data)
 
 
+cdef class _Slot:
+    """The members due at one tick, linked through their ka_prev / ka_next; ``ping_sent`` is when
+    they were pinged (0: they were not), on the loop's clock, and ``ping_clock`` on the fine one."""
+
+    cdef readonly long long tick
+    cdef readonly double ping_sent
+    cdef double ping_clock
+    cdef object first
+    cdef readonly Py_ssize_t size
+
+    def __len__(self):
+        return self.size
+
+
 cdef class SessionCore(_Wire):
     """The C half of a server session (fastws.connection.Session is the Python half).
 
@@ -1615,6 +1657,15 @@ cdef class SessionCore(_Wire):
 
     def _uncork_later(self):
         self._uncork()
+
+    cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
+        """A pong while a keepalive ping is out: its round trip goes to the histogram."""
+        cdef _Slot slot
+        if n == 0 and self.ka_bucket is not None:
+            slot = <_Slot>self.ka_bucket
+            if slot.ping_clock:
+                _observe_rtt(fastws_monotonic() - slot.ping_clock)
+        return 0
 
     def recv(self):
         """The next message (handler-coroutine style): ``await ws.recv()``; raises ConnectionClosed at
@@ -1791,19 +1842,6 @@ def fanout(list targets, bytes frame, exclude=None):
 # --------------------------------------------------------------------------
 # Keepalive: a hashed timer wheel of sessions, run in C (fastws.keepalive drives it)
 
-cdef class _Slot:
-    """The members due at one tick, linked through their ka_prev / ka_next; ``ping_sent`` is when
-    they were pinged (0: they were not)."""
-
-    cdef readonly long long tick
-    cdef readonly double ping_sent
-    cdef object first
-    cdef readonly Py_ssize_t size
-
-    def __len__(self):
-        return self.size
-
-
 cdef inline object _get_next(object m):
     return (<SessionCore>m).ka_next if isinstance(m, SessionCore) else m.ka_next
 
@@ -1868,7 +1906,7 @@ cdef class KeepaliveWheel:
             return 0
         return last_read + self._interval * (1.0 - 0.1 * self._jitter())
 
-    cdef int _file(self, object member, double when, double ping_sent) except -1:
+    cdef int _file(self, object member, double when, double ping_sent, double ping_clock=0.0) except -1:
         cdef long long tick = <long long>(when / self.resolution) + 1
         cdef _Slot slot
         cdef tuple key
@@ -1880,6 +1918,7 @@ cdef class KeepaliveWheel:
             slot = _Slot.__new__(_Slot)
             slot.tick = tick
             slot.ping_sent = ping_sent
+            slot.ping_clock = ping_clock
             self._slots[key] = slot
             bucket = self._due.get(tick)
             if bucket is None:
@@ -1936,7 +1975,7 @@ cdef class KeepaliveWheel:
         cdef long long target = <long long>(now / self.resolution)
         cdef _Slot slot
         cdef object member, nxt
-        cdef double last_read, last_message, ping_sent, when
+        cdef double last_read, last_message, ping_sent, when, ping_clock = 0.0
         cdef SessionCore core
         cdef bint closed
         while self._tick < target:
@@ -1972,13 +2011,15 @@ cdef class KeepaliveWheel:
                                     timed_out = []
                                 timed_out.append(member)
                             else:
-                                self._file(member, ping_sent + self._timeout, ping_sent)
+                                self._file(member, ping_sent + self._timeout, ping_sent, slot.ping_clock)
                         elif self._interval and now >= max(last_read, ping_sent) + 0.9 * self._interval:
                             # silent long enough (pings are filed up to 10 % early: jitter)
+                            if not ping_clock:
+                                ping_clock = fastws_monotonic()  # one reading for the pings of this run
                             self._ping_member(member)
                             self.pings += 1
                             when = now + (self._timeout if 0 < self._timeout < self._interval else self._interval)
-                            self._file(member, when, now)
+                            self._file(member, when, now, ping_clock)
                         else:
                             # the next ping is due an interval after the last sign of life (or after
                             # the last ping, when an unanswered one never fails)

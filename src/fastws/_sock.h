@@ -1,4 +1,4 @@
-/* A non-blocking send() for the wire core's fan-out, where the platform has one. */
+/* A non-blocking send() for the wire core's fan-out, where the platform has one; a fine clock. */
 #ifndef FASTWS_SOCK_H
 #define FASTWS_SOCK_H
 
@@ -16,6 +16,24 @@ static inline long fastws_send(int fd, const void *buf, size_t n) { (void)fd; (v
 #endif
 static inline long fastws_send(int fd, const void *buf, size_t n) {
     return (long)send(fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+#endif
+
+/* A monotonic clock in seconds, fine-grained (the loop's time has 1 ms steps): ping round trips. */
+#ifdef _WIN32
+#include <windows.h>
+static inline double fastws_monotonic(void) {
+    LARGE_INTEGER count, freq;
+    QueryPerformanceCounter(&count);
+    QueryPerformanceFrequency(&freq);
+    return (double)count.QuadPart / (double)freq.QuadPart;
+}
+#else
+#include <time.h>
+static inline double fastws_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 #endif
 

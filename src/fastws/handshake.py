@@ -156,7 +156,7 @@ class Request:
     @staticmethod
     def unpack(data: bytes) -> Request:
         method, target, version, *pairs = data.decode("latin-1").split("\0")
-        return _make_request(method, target.encode("latin-1"), list(zip(pairs[0::2], pairs[1::2], strict=True)),
+        return _make_request(method, target, list(zip(pairs[0::2], pairs[1::2], strict=True)),
                              version)
 
 

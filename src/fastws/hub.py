@@ -8,7 +8,8 @@ other nodes; each node delivers to its own sessions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastws._frame import OP_BINARY, OP_TEXT, encode_frame, fanout
@@ -54,6 +55,8 @@ class Hub:
         self._user_names: dict[str, Any] = {}  # str(user) -> user, for users that are not str
         self._rooms: dict[str, set[Session]] = {}
         self.backplane: Backplane | None = None
+        # called with (local recipients, seconds) after each publication's fan-out (metrics)
+        self.on_fanout: Callable[[int, float], None] | None = None
 
     # -- registry ---------------------------------------------------------------
 
@@ -195,8 +198,16 @@ class Hub:
 
     # -- internals --------------------------------------------------------------
 
+    def _deliver(self, targets: Iterable[Session], message: str | bytes, exclude: Session | None = None) -> int:
+        if self.on_fanout is None:
+            return self._fan_out(targets, message, exclude)
+        started = time.perf_counter()
+        count = self._fan_out(targets, message, exclude)
+        self.on_fanout(count, time.perf_counter() - started)
+        return count
+
     @staticmethod
-    def _deliver(targets: Iterable[Session], message: str | bytes, exclude: Session | None = None) -> int:
+    def _fan_out(targets: Iterable[Session], message: str | bytes, exclude: Session | None = None) -> int:
         # The plain frame is encoded once and written by the wire core to every plain session
         # (fanout: no Python call per recipient).  Sessions that compress without context
         # takeover share one compressed frame per set of settings (each message is compressed

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from fastws._frame import traffic_counts
+from fastws._frame import PING_RTT_BUCKETS, ping_rtt_counts, traffic_counts
 
 if TYPE_CHECKING:
     from fastws.connection import Session
@@ -28,6 +28,11 @@ log = logging.getLogger("fastws")
 
 # seconds, from the connection's first byte (or the previous answer, on a keep-alive connection) to the 101
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FANOUT_SIZE_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)  # local recipients of one publication
+# seconds to hand one publication to its local recipients (the frame built once, then written to each)
+FANOUT_DURATION_BUCKETS = (0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+# seconds from a publication on another node to its arrival here through the backplane (wall clocks)
+BACKPLANE_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TRAFFIC = ("text_in", "text_bytes_in", "binary_in", "binary_bytes_in",
            "text_out", "text_bytes_out", "binary_out", "binary_bytes_out")  # traffic_counts()'s order
 SCRAPE_TIMEOUT = 2.0  # seconds to wait for the other workers' snapshots
@@ -47,6 +52,9 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def snapshot(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.sum}
+
 
 class ProcessMetrics:
     """What one process counts beyond Server.stats, while metrics are on."""
@@ -54,10 +62,18 @@ class ProcessMetrics:
     def __init__(self) -> None:
         self.rejected: Counter[int] = Counter()  # refused upgrades by HTTP status
         self.handshake = Histogram(HANDSHAKE_BUCKETS)
+        self.fanout_size = Histogram(FANOUT_SIZE_BUCKETS)
+        self.fanout_duration = Histogram(FANOUT_DURATION_BUCKETS)
         self.closes: Counter[tuple[int, str]] = Counter()  # (close code, who closed first)
         # the wire core's totals are the process's: count from here (another server run earlier
         # in the same process, as in tests, is not this one's traffic)
         self.traffic_base = traffic_counts()
+        self.ping_rtt_base = ping_rtt_counts()
+
+    def fanout_done(self, recipients: int, seconds: float) -> None:
+        """The hub handed a publication to ``recipients`` local sessions (Hub.on_fanout)."""
+        self.fanout_size.observe(recipients)
+        self.fanout_duration.observe(seconds)
 
     def session_ended(self, session: Session) -> None:
         self.closes[(session.close_code or 1006, session.closed_by or "none")] += 1
@@ -65,7 +81,11 @@ class ProcessMetrics:
     def snapshot(self, server: Server) -> dict[str, Any]:
         """This process's figures as plain JSON-able data (what other workers are sent)."""
         traffic = [now - base for now, base in zip(traffic_counts(), self.traffic_base, strict=True)]
+        rtt_counts, rtt_sum = ping_rtt_counts()
+        base_counts, base_sum = self.ping_rtt_base
+        ping_rtt = {"counts": [a - b for a, b in zip(rtt_counts, base_counts, strict=True)], "sum": rtt_sum - base_sum}
         backplane = server.hub.backplane
+        lag = getattr(backplane, "receive_lag", None)
         return {
             "workers": 1,
             "connections": server.session_count,
@@ -73,10 +93,17 @@ class ProcessMetrics:
             "unsent_bytes": server.unsent_bytes,
             "stats": dict(server.stats),
             "rejected": {str(k): v for k, v in self.rejected.items()},
-            "handshake": {"counts": list(self.handshake.counts), "sum": self.handshake.sum},
+            "histograms": {
+                "handshake": self.handshake.snapshot(),
+                "ping_rtt": ping_rtt,
+                "fanout_size": self.fanout_size.snapshot(),
+                "fanout_duration": self.fanout_duration.snapshot(),
+                "backplane_lag": lag.snapshot() if lag is not None else Histogram(BACKPLANE_LAG_BUCKETS).snapshot(),
+            },
             "traffic": traffic,
             "closes": [[code, side, n] for (code, side), n in self.closes.items()],
             "backplane": dict(getattr(backplane, "stats", None) or {}),
+            "backplane_queue_lag": getattr(backplane, "lag_ms", 0.0) / 1000,
         }
 
 
@@ -89,9 +116,11 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("stats", "rejected", "backplane"):
             for name, n in snap[key].items():
                 total[key][name] = total[key].get(name, 0) + n
-        total["handshake"]["counts"] = [a + b for a, b in zip(total["handshake"]["counts"],
-                                                               snap["handshake"]["counts"], strict=True)]
-        total["handshake"]["sum"] += snap["handshake"]["sum"]
+        total["backplane_queue_lag"] = max(total["backplane_queue_lag"], snap["backplane_queue_lag"])
+        for name, histogram in total["histograms"].items():
+            other = snap["histograms"][name]
+            histogram["counts"] = [a + b for a, b in zip(histogram["counts"], other["counts"], strict=True)]
+            histogram["sum"] += other["sum"]
         total["traffic"] = [a + b for a, b in zip(total["traffic"], snap["traffic"], strict=True)]
         closes = Counter({(c, s): n for c, s, n in total["closes"]})
         closes.update({(c, s): n for c, s, n in snap["closes"]})
@@ -115,6 +144,13 @@ def render(snap: dict[str, Any]) -> bytes:
             family.add_metric(values, n)
         return family
 
+    def histogram(name: str, doc: str, key: str, bounds: tuple[float, ...]) -> HistogramMetricFamily:
+        counts, cumulative, running = snap["histograms"][key]["counts"], [], 0
+        for bound, n in zip((*(repr(float(b)) for b in bounds), "+Inf"), counts, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=snap["histograms"][key]["sum"])
+
     def families() -> Any:
         yield GaugeMetricFamily("fastws_workers", "Worker processes that answered this scrape",
                                 value=snap["workers"])
@@ -127,14 +163,14 @@ def render(snap: dict[str, Any]) -> bytes:
                       stats["connections_total"])
         yield labelled("fastws_connections_rejected", "WebSocket upgrades refused, by HTTP status", ["status"],
                        sorted(([status], n) for status, n in snap["rejected"].items()))
-        counts, bounds = snap["handshake"]["counts"], HANDSHAKE_BUCKETS
-        cumulative, running = [], 0
-        for bound, n in zip((*(repr(b) for b in bounds), "+Inf"), counts, strict=True):
-            running += n
-            cumulative.append((bound, running))
-        yield HistogramMetricFamily("fastws_handshake_duration_seconds",
-                                    "From the request's first byte to the 101 response",
-                                    buckets=cumulative, sum_value=snap["handshake"]["sum"])
+        yield histogram("fastws_handshake_duration_seconds", "From the request's first byte to the 101 response",
+                        "handshake", HANDSHAKE_BUCKETS)
+        yield histogram("fastws_ping_rtt_seconds", "Round trip of keepalive pings answered by a pong",
+                        "ping_rtt", PING_RTT_BUCKETS)
+        yield histogram("fastws_fanout_recipients", "Local sessions one publication (publish, broadcast, "
+                        "send_to_user) was written to", "fanout_size", FANOUT_SIZE_BUCKETS)
+        yield histogram("fastws_fanout_duration_seconds", "Time to write one publication to its local recipients",
+                        "fanout_duration", FANOUT_DURATION_BUCKETS)
         traffic = dict(zip(TRAFFIC, snap["traffic"], strict=True))
         for direction, verb in (("in", "received"), ("out", "sent")):
             yield labelled(f"fastws_messages_{verb}", f"WebSocket data messages {verb}, by opcode", ["opcode"],
@@ -164,6 +200,11 @@ def render(snap: dict[str, Any]) -> bytes:
                               ("reconnects", "Backplane reconnections"),
                               ("malformed", "Malformed publications received")):
                 yield counter(f"fastws_backplane_{name}", doc, backplane.get(name, 0))
+            yield histogram("fastws_backplane_lag_seconds", "From a publication on another node to its arrival here "
+                            "(the nodes' wall clocks)", "backplane_lag", BACKPLANE_LAG_BUCKETS)
+            yield GaugeMetricFamily("fastws_backplane_queue_lag_seconds", "How long the last batch of publications "
+                                    "waited before Redis took it (the largest over the workers)",
+                                    value=snap["backplane_queue_lag"])
 
     class Snapshot:
         def collect(self) -> Any:

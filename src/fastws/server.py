@@ -62,6 +62,7 @@ class Server:
             from fastws.metrics import ProcessMetrics
 
             self.metrics = ProcessMetrics()
+            self.hub.on_fanout = self.metrics.fanout_done
             app.http("/metrics")(self._metrics_route)
 
     def next_session_id(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - the [redis] extra is missing
     raise ImportError("the Redis backplane needs the redis package: pip install 'fastws[redis]'") from exc
 
 from fastws.logs import Throttle
+from fastws.metrics import BACKPLANE_LAG_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from fastws.hub import Hub
@@ -48,25 +50,31 @@ MAX_BATCH = 1000  # sends per pipeline
 LIVENESS = 15.0  # seconds a node stays listed without refreshing its liveness key
 
 
-def envelope(kind: bytes, name: str, message: str | bytes) -> bytes:
-    """What goes over a node channel: kind, the name's length and the name, then t|b and the payload."""
+_STAMP = struct.Struct(">dH")  # when it was published (time.time()), the name's length
+
+
+def envelope(kind: bytes, name: str, message: str | bytes, published: float | None = None) -> bytes:
+    """What goes over a node channel: kind, the publication's wall-clock time, the name's length
+    and the name, then t|b and the payload."""
     raw = name.encode()
+    stamp = _STAMP.pack(time.time() if published is None else published, len(raw))
     if isinstance(message, str):
-        return b"".join((kind, len(raw).to_bytes(2, "big"), raw, TEXT, message.encode()))
-    return b"".join((kind, len(raw).to_bytes(2, "big"), raw, BINARY, message))
+        return b"".join((kind, stamp, raw, TEXT, message.encode()))
+    return b"".join((kind, stamp, raw, BINARY, message))
 
 
-def open_envelope(data: bytes) -> tuple[bytes, str, str | bytes]:
-    """(kind, name, message) of an envelope; ValueError if it is not one."""
-    if not isinstance(data, bytes) or len(data) < 4 or data[:1] not in (ROOM, USER, ALL):
+def open_envelope(data: bytes) -> tuple[bytes, float, str, str | bytes]:
+    """(kind, published, name, message) of an envelope; ValueError if it is not one."""
+    if not isinstance(data, bytes) or len(data) < 1 + _STAMP.size + 1 or data[:1] not in (ROOM, USER, ALL):
         raise ValueError("not a fastws envelope")
-    size = int.from_bytes(data[1:3], "big")
-    name = data[3:3 + size].decode("utf-8")  # UnicodeDecodeError is a ValueError
-    kind_of_payload, payload = data[3 + size:4 + size], data[4 + size:]
+    published, size = _STAMP.unpack_from(data, 1)
+    start = 1 + _STAMP.size
+    name = data[start:start + size].decode("utf-8")  # UnicodeDecodeError is a ValueError
+    kind_of_payload, payload = data[start + size:start + size + 1], data[start + size + 1:]
     if kind_of_payload == TEXT:
-        return data[:1], name, payload.decode("utf-8")
+        return data[:1], published, name, payload.decode("utf-8")
     if kind_of_payload == BINARY:
-        return data[:1], name, payload
+        return data[:1], published, name, payload
     raise ValueError("no payload type")
 
 
@@ -81,6 +89,7 @@ class RedisBackplane:
         self.stats = {"published": 0, "sends": 0, "received": 0, "dropped": 0, "reconnects": 0, "malformed": 0,
                       "pipelines": 0}
         self.lag_ms = 0.0  # how long the last batch waited in the queue before Redis took it
+        self.receive_lag = Histogram(BACKPLANE_LAG_BUCKETS)  # publication on another node -> here
         self._pending: asyncio.Queue[tuple[str, Any, Any, Any, float]] = asyncio.Queue(MAX_PENDING)
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: aioredis.Redis | None = None
@@ -211,7 +220,8 @@ class RedisBackplane:
         self.lag_ms = (time.monotonic() - batch[0][4]) * 1000
         async with self._redis.pipeline(transaction=False) as pipe:
             sends = 0
-            for what, kind, name, arg, _ in batch:
+            wall_minus_monotonic = time.time() - time.monotonic()
+            for what, kind, name, arg, queued in batch:
                 if what == "member":
                     key = self._key(kind, name)
                     if arg:
@@ -224,7 +234,7 @@ class RedisBackplane:
                 self.stats["published"] += 1
                 targets = self._nodes if kind == ALL else self._where[(kind, name)] & self._nodes
                 if targets:
-                    data = envelope(kind, name, arg)
+                    data = envelope(kind, name, arg, queued + wall_minus_monotonic)
                     for node in targets:
                         pipe.publish(self._channel(node), data)
                         sends += 1
@@ -311,13 +321,14 @@ class RedisBackplane:
             if channel == f"{self.prefix}membership".encode():
                 self._membership(data.decode("utf-8"))
                 return
-            kind, name, message = open_envelope(data)
+            kind, published, name, message = open_envelope(data)
         except (ValueError, AttributeError) as exc:
             self.stats["malformed"] += 1
             self._throttle.log(logging.WARNING, "malformed", "backplane: dropped a malformed message on %r: %s",
                                channel[:100], exc)
             return
         self.stats["received"] += 1
+        self.receive_lag.observe(max(0.0, time.time() - published))
         try:
             if kind == ROOM:
                 self.hub.deliver_room(name, message)
