@@ -1551,6 +1551,21 @@ cdef class _Slot:
         return self.size
 
 
+DEF FD_LATER = -2  # SessionCore._fd: a plain TCP socket, not asked for yet
+
+cdef dict _nocheck_by_type = {}
+
+
+cdef bint _has_nocheck(object transport):
+    """The transport has write_nocheck/writelines_nocheck (uvloop's), by its type, looked up once."""
+    kind = type(transport)
+    found = _nocheck_by_type.get(kind)
+    if found is None:
+        found = _nocheck_by_type[kind] = hasattr(transport, "write_nocheck") and hasattr(
+            transport, "writelines_nocheck")
+    return found
+
+
 cdef class SessionCore(_Wire):
     """The C half of a server session (fastws.connection.Session is the Python half).
 
@@ -1583,7 +1598,7 @@ cdef class SessionCore(_Wire):
     cdef public object ka_prev
     cdef public object ka_next
     cdef public double opened_at     # the loop's clock at the 101 (the access log's duration)
-    cdef int _fd                     # the socket, for fan-out writes past the transport (-1: never)
+    cdef int _fd                     # the socket, for fan-out writes past the transport (-1: never; FD_LATER)
     cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
     cdef public bint _async_messages # messages queue for an async on_message
     cdef unsigned char _queued       # messages go to the inbox (async code takes them)
@@ -1608,13 +1623,14 @@ cdef class SessionCore(_Wire):
 
     def _attach_wire(self, transport, *, Py_ssize_t max_message_size, Py_ssize_t max_frames_per_read,
                      deflate=None, inflate=None, Py_ssize_t compress_threshold=128, double now=0.0,
-                     int direct_fd=-1):
+                     bint direct=False):
         """Start reading and writing ``transport``: frames go to its write(), corked per read.
-        ``direct_fd``: the plain TCP socket under it, which fan-out may write to while the
-        transport holds nothing unsent (-1: never)."""
+        ``direct``: it is a plain TCP transport, whose socket fan-out may write to while the
+        transport holds nothing unsent (the socket is asked for at the first fan-out: asking
+        costs a system call and an object, which a connection that never gets one is spared)."""
         self._transport = transport
-        self._fd = direct_fd
-        self._nocheck = hasattr(transport, "write_nocheck") and hasattr(transport, "writelines_nocheck")
+        self._fd = FD_LATER if direct else -1
+        self._nocheck = _has_nocheck(transport)
         self._deflate = deflate
         self._inflate = inflate
         self._compress_threshold = compress_threshold
@@ -1763,6 +1779,9 @@ cdef class SessionCore(_Wire):
         """Fan-out's write of a plain frame: past the transport while it holds nothing, else through it."""
         global _fanout_direct, _fanout_queued
         cdef Py_ssize_t n = PyBytes_GET_SIZE(frame), sent
+        if self._fd == FD_LATER:
+            sock = self._transport.get_extra_info("socket")
+            self._fd = sock.fileno() if sock is not None else -1
         if self._fd < 0 or self._cork_depth or self._out_len or self._chunks is not None \
                 or PyObject_CallMethodNoArgs(self._transport, S_BUFFER_SIZE) != 0:
             _fanout_queued += 1
@@ -2037,6 +2056,8 @@ cdef class KeepaliveWheel:
             core = <SessionCore>member
             if core._paused & PAUSED_WRITING:
                 core.send_frame(self._ping)  # the slow-consumer policy decides
+            elif core._fd == FD_LATER:
+                core._send_raw(self._ping)  # through the transport: no need to ask for the socket
             else:
                 core._fanout_write(self._ping)
         else:

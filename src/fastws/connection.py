@@ -35,13 +35,10 @@ log = logging.getLogger("fastws")
 INBOX_FULL, BACKLOG = 2, 4
 
 
-def _plain_tcp_fd(transport: asyncio.BaseTransport) -> int:
-    """The socket under uvloop's plain TCP transport, which fan-out may write to directly while the
-    transport has nothing queued (-1 for anything else: TLS, other transports)."""
-    if type(transport).__name__ != "TCPTransport" or transport.get_extra_info("sslcontext") is not None:
-        return -1
-    sock = transport.get_extra_info("socket")
-    return sock.fileno() if sock is not None else -1
+def _plain_tcp(transport: asyncio.BaseTransport) -> bool:
+    """uvloop's plain TCP transport, whose socket fan-out may write to directly while the transport
+    has nothing queued (not TLS, nor other transports)."""
+    return type(transport).__name__ == "TCPTransport" and transport.get_extra_info("sslcontext") is None
 
 
 def _unexpected_data(data: bytes) -> None:
@@ -159,7 +156,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
                           deflate=deflate.compress if deflate else None,
                           inflate=deflate.decompress if deflate else None,
                           compress_threshold=deflate.compress_threshold if deflate else 0,
-                          now=self._server.loop.time(), direct_fd=_plain_tcp_fd(transport))
+                          now=self._server.loop.time(), direct=_plain_tcp(transport))
         transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_high_water // 4)
         transport.set_protocol(self)
 
@@ -447,7 +444,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             return
         try:
             result = endpoint.on_close(*self.close_info())
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 self._server.spawn(result)
         except Exception:
             log.exception("error in on_close for %s", self.request.path)

@@ -46,35 +46,22 @@ class Headers:
 
     Iteration and len() are over header *lines* (a repeated name appears twice).
     Lookups go through an index by lower-case name, built on the first one (a
-    handshake looks up a dozen names).  A session keeps its request's headers
-    packed into one bytes object (``packed()``), parsed again on each access: an
-    idle connection then pays a few hundred bytes for them instead of two small
-    objects per field.
+    handshake looks up a dozen names).  (A session keeps its whole request as one
+    bytes object instead: Request.pack.)
     """
 
-    __slots__ = ("_items", "_packed", "_index")
+    __slots__ = ("_items", "_index")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items: list[tuple[str, str]] | None = list(items)
-        self._packed: bytes = b""
+        self._items: list[tuple[str, str]] = list(items)
         self._index: dict[str, list[str]] | None = None
 
     def add(self, name: str, value: str) -> None:
         self._pairs().append((name, value))
         self._index = None
 
-    def packed(self) -> Headers:
-        """A read-only copy stored compactly (values are latin-1, so this round-trips)."""
-        copy = Headers()
-        copy._items = None
-        copy._packed = "".join(f"{n}\0{v}\0" for n, v in self._pairs()).encode("latin-1")
-        return copy
-
     def _pairs(self) -> list[tuple[str, str]]:
-        if self._items is not None:
-            return self._items
-        fields = self._packed.decode("latin-1").split("\0")
-        return list(zip(fields[0:-1:2], fields[1:-1:2], strict=True))
+        return self._items
 
     def index(self) -> dict[str, list[str]]:
         """Lower-case name -> values, in order (read-only: the same dict serves every lookup)."""
@@ -91,8 +78,7 @@ class Headers:
                     index[key] = [v]
                 else:
                     values.append(v)
-            if self._items is not None:  # a packed copy stays small: no index kept
-                self._index = index
+            self._index = index
         return index
 
     def get(self, name: str, default: str | None = None) -> str | None:

@@ -425,7 +425,6 @@ class HttpProtocol(asyncio.Protocol):
         transport.write(accepted.response)
         if server.metrics is not None:
             server.metrics.handshake.observe(time.monotonic() - self._started)
-        request.headers = request.headers.packed()  # kept for the session's life: keep it small
         session = Session(server, request, remote, accepted.subprotocol, accepted.deflate)
         if accept is not None:
             session.state = accept.state
