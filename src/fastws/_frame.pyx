@@ -634,30 +634,22 @@ cdef class Inbox:
 
 
 cdef class _Wire:
+    # (Fields are grouped by size, 8-byte ones first, so that the struct has no padding: a server
+    # session's C object then fits pymalloc's 512-byte class instead of a malloc'd block.)
     # -- the writer half ---------------------------------------------------------
     cdef object _transport          # writes go to its write()/writelines() (FrameWriter: or callables)
     cdef list _chunks               # while corked: encoded output with big payloads kept uncopied
     cdef object _deflate
-    cdef unsigned char _masked
-    cdef unsigned char _nocheck     # the transport has write_nocheck/writelines_nocheck
-    cdef int _cork_depth
     cdef char *_out
     cdef Py_ssize_t _out_len
     cdef Py_ssize_t _out_cap
-    cdef Py_ssize_t _compress_threshold
-    cdef Py_ssize_t _fragment_size
     # -- the reader half ---------------------------------------------------------
     # (control frames, errors and the writer to cork go through the cdef methods _target,
     # _report_error, _pong and _read_writer: FrameReader keeps its own fields for them)
     cdef object _on_message         # called with each message
     cdef object _pending_close      # (code, reason) of a close frame, handed over after the flush
     cdef object _inflate
-    cdef unsigned char _is_server
-    cdef unsigned char _closed
-    cdef unsigned char _in_scratch  # the last get_buffer handed out the shared buffer
-    cdef unsigned char _backlog     # the frame cap stopped a parse: the handler was told (on_backlog)
     cdef Py_ssize_t _max_message_size
-    cdef Py_ssize_t _max_frames     # 0: no cap
     # bytes kept between reads: the start of a partial frame
     cdef char *_buf
     cdef Py_ssize_t _buf_len
@@ -665,29 +657,41 @@ cdef class _Wire:
     # the partial frame at the start of _buf: payload bytes already unmasked/validated
     cdef Py_ssize_t _done
     cdef Py_ssize_t _frame_total    # header + payload of that frame, once its header is complete
-    # the fragmented message being reassembled
-    cdef int _msg_opcode            # 0: none
-    cdef unsigned char _msg_compressed
+    # the fragmented message being reassembled (its opcode and flag are below)
     cdef char *_msg
     cdef Py_ssize_t _msg_len
     cdef Py_ssize_t _msg_cap
-    cdef uint32_t _utf8_state
     cdef Py_ssize_t _consumed       # bytes of the current input fully handled (for handler exceptions)
     # a big single-frame message read straight into the bytes object that will be delivered
     cdef bytes _direct
     cdef Py_ssize_t _direct_have
-    cdef int _direct_opcode
-    cdef unsigned char _direct_masked
-    cdef unsigned char _in_direct   # the last get_buffer handed out the rest of _direct
-    cdef uint8_t _direct_key[4]
     cdef Py_ssize_t _messages       # data messages delivered
     # this connection's share of the traffic totals (the access log's figures)
     cdef Py_ssize_t _bytes_in       # payload bytes of the messages delivered
     cdef Py_ssize_t _messages_sent
     cdef Py_ssize_t _bytes_sent
-    cdef Py_ssize_t _reads          # reads (keepalive: any bytes mean the peer lives)
     cdef double _last_read          # the clock (set_clock) at the last read
     cdef double _last_message       # the clock at the last data message delivered
+    # -- 4 bytes -------------------------------------------------------------------
+    cdef int _cork_depth
+    cdef int _compress_threshold    # messages from this size on are compressed
+    cdef int _fragment_size         # 0: one frame per message
+    cdef int _max_frames            # frames parsed per read, 0: no cap
+    cdef int _msg_opcode            # of the fragmented message, 0: none
+    cdef uint32_t _utf8_state
+    cdef int _direct_opcode
+    cdef unsigned int _reads        # reads (FrameReader.reads; keepalive uses _last_read)
+    cdef uint8_t _direct_key[4]
+    # -- 1 byte --------------------------------------------------------------------
+    cdef unsigned char _masked
+    cdef unsigned char _nocheck     # the transport has write_nocheck/writelines_nocheck
+    cdef unsigned char _is_server
+    cdef unsigned char _closed
+    cdef unsigned char _in_scratch  # the last get_buffer handed out the shared buffer
+    cdef unsigned char _backlog     # the frame cap stopped a parse: the handler was told (on_backlog)
+    cdef unsigned char _msg_compressed
+    cdef unsigned char _direct_masked
+    cdef unsigned char _in_direct   # the last get_buffer handed out the rest of _direct
 
     def __cinit__(self):
         self._out = NULL
@@ -1343,7 +1347,7 @@ cdef class FrameWriter(_Wire):
         return self._transport is not None or self._writelines is not None
 
     def __init__(self, write=None, *, bint is_server=True, writelines=None, deflate=None,
-                 Py_ssize_t compress_threshold=128, Py_ssize_t fragment_size=0, transport=None):
+                 int compress_threshold=128, int fragment_size=0, transport=None):
         if transport is not None:
             self._transport = transport
             self._nocheck = hasattr(transport, "write_nocheck") and hasattr(transport, "writelines_nocheck")
@@ -1362,7 +1366,7 @@ cdef class FrameWriter(_Wire):
         return self._compress_threshold
 
     @compress_threshold.setter
-    def compress_threshold(self, Py_ssize_t value):
+    def compress_threshold(self, int value):
         self._compress_threshold = value
 
     @property
@@ -1370,7 +1374,7 @@ cdef class FrameWriter(_Wire):
         return self._fragment_size
 
     @fragment_size.setter
-    def fragment_size(self, Py_ssize_t value):
+    def fragment_size(self, int value):
         self._fragment_size = value
 
     @property
@@ -1382,7 +1386,7 @@ cdef class FrameWriter(_Wire):
         """Bytes queued while corked, not yet handed to ``write``."""
         return self._queued()
 
-    def set_deflate(self, deflate, Py_ssize_t compress_threshold=128):
+    def set_deflate(self, deflate, int compress_threshold=128):
         self._deflate = deflate
         self._compress_threshold = compress_threshold
 
@@ -1479,7 +1483,7 @@ cdef class FrameReader(_Wire):
         return self._max_frames
 
     @max_frames_per_read.setter
-    def max_frames_per_read(self, Py_ssize_t value):
+    def max_frames_per_read(self, int value):
         self._max_frames = value
 
     @property
@@ -1599,15 +1603,15 @@ cdef class SessionCore(_Wire):
     cdef public object ka_next
     cdef public double opened_at     # the loop's clock at the 101 (the access log's duration)
     cdef int _fd                     # the socket, for fan-out writes past the transport (-1: never; FD_LATER)
-    cdef public int _paused          # bits: PAUSED_WRITING, and the Python half's own
-    cdef public bint _async_messages # messages queue for an async on_message
+    # (the small fields below are small types: they keep the object within pymalloc's 512-byte class)
+    cdef public unsigned short _close_code
+    cdef public unsigned char _paused          # bits: PAUSED_WRITING, and the Python half's own
+    cdef public unsigned char _state
+    cdef public unsigned char _async_messages  # messages queue for an async on_message
+    cdef public unsigned char _close_sent
+    cdef public unsigned char _close_received
     cdef unsigned char _queued       # messages go to the inbox (async code takes them)
     cdef unsigned char _to_endpoint  # messages go to _on_message(endpoint, message)
-    # the close state machine's fields (fastws.protocol.WebSocketProtocol)
-    cdef public int _state
-    cdef public bint _close_sent
-    cdef public bint _close_received
-    cdef public int _close_code
     cdef public object _close_reason
     cdef public object _closed_by
     cdef public object _sent_close
@@ -1621,8 +1625,8 @@ cdef class SessionCore(_Wire):
         self._remote = remote
         self._is_server = True
 
-    def _attach_wire(self, transport, *, Py_ssize_t max_message_size, Py_ssize_t max_frames_per_read,
-                     deflate=None, inflate=None, Py_ssize_t compress_threshold=128, double now=0.0,
+    def _attach_wire(self, transport, *, Py_ssize_t max_message_size, int max_frames_per_read,
+                     deflate=None, inflate=None, int compress_threshold=128, double now=0.0,
                      bint direct=False):
         """Start reading and writing ``transport``: frames go to its write(), corked per read.
         ``direct``: it is a plain TCP transport, whose socket fan-out may write to while the
