@@ -290,6 +290,8 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
             workers.gather("held", timeout=30)
             if args.verify and opened:
                 verify = _verify(workers, args, opened, ui)
+                if pids and verify.get("checked"):  # every connection has exchanged a message
+                    server["rss_after_echo"] = rss_bytes(pids)
         workers.send_all("close")
         results = [r["result"] for r in workers.gather("result", timeout=close_timeout + 60)]
     failures: dict[str, int] = {}
@@ -308,6 +310,9 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
     if pids and opened:
         server["rss_delta"] = server["rss_after_hold"] - server["rss_before"]
         server["bytes_per_connection"] = round(server["rss_delta"] / opened, 1)
+        if "rss_after_echo" in server:
+            server["bytes_per_connection_after_echo"] = round(
+                (server["rss_after_echo"] - server["rss_before"]) / opened, 1)
     if opened == 0:
         raise BenchError(f"no connection to {args.url} could be opened: {failures or 'unknown error'}")
     return {
@@ -412,6 +417,8 @@ def summary(res: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]
             ("server RSS before", f"{srv['rss_before'] / 2**20:,.1f} MiB"),
             ("server RSS after hold", f"{srv['rss_after_hold'] / 2**20:,.1f} MiB"),
             ("server bytes per connection", f"{num(srv['bytes_per_connection'])} B"),
+            *([("... after each echoed a message", f"{num(srv['bytes_per_connection_after_echo'])} B")]
+              if "bytes_per_connection_after_echo" in srv else []),
             ("server CPU while held", f"{srv['cpu_percent_during_hold']:.1f} %"),
         ]
     cli = res.get("client") or {}
