@@ -233,6 +233,11 @@ def server_specs(full: bool) -> tuple[list[ServerSpec], dict[str, str]]:
         if not transports:
             # Hook: once `fastws serve --transport {uvloop,aiofastnet}` exists, both rows appear.
             skipped["fastws-aiofastnet"] = "`fastws serve` has no --transport option yet"
+    # the coroutine styles most users write first, on the same server (their /echo)
+    specs.append(ServerSpec("fastws-handler", "fastws_styles.py", ["--style", "handler"],
+                            note="async def handler(ws): async for m in ws: await ws.send(m)"))
+    specs.append(ServerSpec("fastws-async", "fastws_styles.py", ["--style", "async"],
+                            note="Endpoint with async def on_message: await self.session.send(m)"))
     specs.append(
         ServerSpec("picows", "picows_echo.py", ["--transport", "aiofastnet"], note="as shipped: aiofastnet")
     )
@@ -653,6 +658,18 @@ def targets(summary: dict[str, Any]) -> list[str]:
                     f"{s[w.key][path] / servers['picows'][w.key][path]:.2f}x",
                 ),
             )
+    endpoint = next((n for n in ("fastws", "fastws-uvloop", "fastws-default") if n in servers), None)
+    if endpoint is not None:
+        for w in tput:
+            path = w.metrics[0][0]
+            if w.key in servers[endpoint]:
+                check(
+                    f">= 0.8x the Endpoint style ({endpoint}): {w.key}",
+                    lambda s, w=w, path=path: (
+                        s[w.key][path] >= 0.8 * servers[endpoint][w.key][path],
+                        f"{s[w.key][path] / servers[endpoint][w.key][path]:.2f}x",
+                    ),
+                )
     if "websockets" in servers:
         for key in ("msgs_64B_c1", "msgs_64B_c100"):
             if key in servers["websockets"]:

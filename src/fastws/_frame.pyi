@@ -1,7 +1,8 @@
 """Type stub for the Cython wire core (fastws._frame). Sans-I/O: bytes in, calls out."""
 
-from collections.abc import Callable
-from typing import Protocol
+import asyncio
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Protocol
 
 OP_CONTINUATION: int  # 0x0
 OP_TEXT: int  # 0x1
@@ -92,6 +93,90 @@ class FrameWriter:
     def corked(self) -> bool: ...
 
 def set_clock(now: float) -> None: ...  # the coarse clock that stamps FrameReader.last_read/last_message
+def traffic_counts() -> tuple[int, int, int, int, int, int, int, int]: ...
+# ^ this process's server traffic: text messages, text bytes, binary messages, binary bytes received,
+#   then the same four sent (payload bytes as on the wire)
+
+PING_RTT_BUCKETS: tuple[float, ...]  # seconds: the upper bounds of ping_rtt_counts()'s buckets
+def ping_rtt_counts() -> tuple[list[int], float]: ...  # (counts per bucket, +Inf last; sum of seconds)
+
+PAUSED_WRITING: int  # SessionCore._paused bit: the transport asked us to stop writing
+OPEN_STATE: int
+
+class _Ready:
+    def __await__(self) -> Generator[Any, None, None]: ...
+
+READY: _Ready  # returned by send() when nothing needs awaiting (awaiting it does not suspend)
+
+class Inbox:
+    """A session's bounded queue of received messages, in front of async code."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, flow: Any, *, max_messages: int, max_bytes: int) -> None: ...
+    def __len__(self) -> int: ...
+    @property
+    def queued_bytes(self) -> int: ...
+    @property
+    def full(self) -> bool: ...  # reading pauses (flow.inbox_full()) until it drains to half
+    @property
+    def waiting(self) -> bool: ...  # a consumer awaits the next message
+    def put(self, message: str | bytes) -> None: ...
+    def get_nowait(self) -> str | bytes: ...
+    def end(self, exc: BaseException) -> None: ...  # the connection ended: get() raises exc from now on
+    def clear(self) -> None: ...
+
+class SessionCore:
+    """The C half of a server session (fastws.connection.Session): its reader, writer and fields."""
+
+    id: int
+    subprotocol: str | None
+    user: Any
+    state: Any
+    rooms: set[str] | None
+    endpoint: Any
+    params: dict[str, str]
+    deflate: Any
+    opened_at: float
+    ka_bucket: Any
+    ka_prev: Any
+    ka_next: Any
+    def recv(self) -> Awaitable[str | bytes]: ...  # no future when a message is queued
+    def __aiter__(self) -> SessionCore: ...
+    def __anext__(self) -> Awaitable[str | bytes]: ...  # ends quietly on 1000, 1001, 1005
+    def send(self, message: str | bytes | bytearray | memoryview) -> Awaitable[None]: ...  # READY or a drain
+    def send_frame(self, frame: bytes) -> Awaitable[None]: ...  # an encoded frame (broadcast)
+    def get_buffer(self, sizehint: int = -1) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def messages_received(self) -> int: ...
+    @property
+    def traffic(self) -> tuple[int, int, int, int]: ...  # messages in, bytes in, messages out, bytes out
+    @property
+    def last_read(self) -> float: ...
+    @property
+    def last_message(self) -> float: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+
+def fanout(targets: list[Any], frame: bytes, exclude: Any = None) -> tuple[int, list[Any]]: ...
+# ^ an encoded plain frame to every open server session in targets, in C; returns (delivered, the
+#   members it left to the caller: those that compress, and non-SessionCore members)
+def fanout_counts() -> tuple[int, int]: ...  # (writes straight into a socket, writes through the transport)
+
+class KeepaliveWheel:
+    """Sessions filed by when they next need a look: pings written in C, O(due) per tick."""
+
+    resolution: float
+    pings: int
+    size: int
+    def __init__(self, resolution: float, now: float, *, interval: float | None = None,
+                 timeout: float | None = None, idle: float | None = None, ping: bytes = b"\x89\x00") -> None: ...
+    def add(self, member: Any, now: float) -> None: ...
+    def remove(self, member: Any) -> None: ...
+    def run(self, now: float) -> tuple[list[Any], list[Any]]: ...  # (timed out, idle): to close
 def encode_frame(
     opcode: int, payload: bytes | str, *, fin: bool = True, rsv1: bool = False, mask: bool = False
 ) -> bytes: ...
