@@ -601,6 +601,11 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
         import scale  # bench/scale.py, beside this file
 
         lines += [scale.markdown(summary["scale"], summary["scale"].get("command", "python bench/scale.py"))]
+    else:
+        lines += ["## One node, many connections", "",
+                  "See [docs/capacity.md](../docs/capacity.md) (`bash bench/capacity.sh`): idle connections per "
+                  "node, bytes per connection, keepalive CPU, ramp rate, broadcast latency at 1k/10k/50k "
+                  "subscribers, and the kernel limits.", ""]
     if summary["errors"]:
         lines += ["## Errors", ""] + [f"- {k}: {v}" for k, v in summary["errors"].items()] + [""]
     notes = summary.get("notes", {})
@@ -612,7 +617,23 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines) + kept_sections(out))
+
+
+KEPT_PREFIXES = ("## ASGI:",)  # sections other tools write into RESULTS.md (bench/asgi_compare.py)
+
+
+def kept_sections(path: Path) -> str:
+    """The sections of the existing report that this script does not write, to carry over as they are."""
+    if not path.exists():
+        return ""
+    kept, keeping = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            keeping = line.startswith(KEPT_PREFIXES)
+        if keeping:
+            kept.append(line)
+    return ("\n" + "\n".join(kept) + "\n") if kept else ""
 
 
 def limit_cell(r: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 from urllib.parse import unquote
 
@@ -36,7 +36,7 @@ from fastws._frame import OP_CLOSE, FrameReader, FrameWriter
 from fastws.asgi import extension
 from fastws.deflate import DeflateOptions
 from fastws.errors import CloseCode, ConnectionClosed, HandshakeError, ProtocolError
-from fastws.handshake import HeadParser, Request, accept, error_response, http_response
+from fastws.handshake import HeadParser, Request, error_response, http_response, negotiate
 from fastws.keepalive import Keepalive
 from fastws.protocol import CLOSED, CLOSING, CONNECTING, OPEN, Inbox, WebSocketProtocol, drop_message, truncate_reason
 
@@ -89,16 +89,6 @@ def _keepalive(loop: asyncio.AbstractEventLoop, interval: float | None, timeout:
     return keepalive
 
 
-def _header_block(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Header lines for a response head; refuses anything that could split the response."""
-    out = []
-    for name, value in pairs:
-        if not name or any(c in name for c in b" \t\r\n\x00:") or any(c in value for c in b"\r\n\x00"):
-            raise ValueError(f"invalid response header {name!r}: {value!r}")
-        out += (name, b": ", value, b"\r\n")
-    return b"".join(out)
-
-
 class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
     """uvicorn's ``--ws`` protocol class: ``uvicorn app:app --ws fastws.asgi:FastWSProtocol``.
 
@@ -119,7 +109,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         "id", "user", "rooms", "get_buffer", "buffer_updated", "ka_bucket", "ka_prev", "ka_next",
         "_config", "_app", "_loop", "_connections", "_tasks", "_default_headers", "_app_state",
         "_transport", "_server", "_client", "_scheme",
-        "_parser", "_accepted", "_scope", "_reader", "_writer", "_inbox", "_connect_pending",
+        "_parser", "_upgrade", "_scope", "_reader", "_writer", "_inbox", "_connect_pending",
         "_early", "_early_buffer", "_task", "_response", "_write_paused", "_drain",
         "_corked", "_corked_sends", "_flush_handle",
         "_keepalive", "_hub", "_deflate", "__weakref__", *WebSocketProtocol.FIELDS,
@@ -147,7 +137,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         self._scheme = "ws"
         # the handshake: uvicorn already parsed the head; its limits apply, ours only guard
         self._parser: HeadParser | None = HeadParser(max_head_size=1 * MiB, max_headers=1024)
-        self._accepted: Any = None  # fastws.handshake.Accepted: the 101 without app headers
+        self._upgrade: Any = None  # fastws.handshake.Upgrade: the negotiated upgrade, until the app accepts
         self._scope: dict[str, Any] | None = None
         self._reader: Any = None
         self._writer: FrameWriter | None = None
@@ -255,7 +245,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         config = self._config
         options = self.deflate_options if config.ws_per_message_deflate else None
         try:
-            self._accepted = accept(request, deflate=options, max_message_size=config.ws_max_size)
+            self._upgrade = negotiate(request, deflate=options, max_message_size=config.ws_max_size)
         except HandshakeError as err:
             self._refuse(err, request.target)
             return
@@ -323,29 +313,28 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             raise ClientDisconnected()
         scope = self._scope
-        assert scope is not None and self._accepted is not None
+        upgrade = self._upgrade
+        assert scope is not None and upgrade is not None
         log.info('%s - "WebSocket %s" [accepted]', get_client_addr(scope), get_path_with_query_string(scope))
-        headers = [(bytes(name).lower(), bytes(value)) for name, value in message.get("headers") or ()]
-        subprotocol = message.get("subprotocol")
-        extra = []
-        if subprotocol:
-            if subprotocol in scope["subprotocols"]:
-                extra.append((b"sec-websocket-protocol", subprotocol.encode("ascii")))
-            else:  # the client would fail the handshake: never answer with one it did not offer
-                log.warning("ASGI app accepted subprotocol %r, which the client did not offer: ignored",
-                            subprotocol)
-        given = {name for name, _ in headers}
-        extra += [(name, value) for name, value in self._default_headers if name.lower() not in given]
-        extra += headers
-        response = self._accepted.response  # ends with the blank line: the extra fields go before it
-        transport.write(response[:-2] + _header_block(extra) + b"\r\n")
-        self._open(transport)
+        headers = [(bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
+                   for name, value in message.get("headers") or ()]
+        subprotocol = message.get("subprotocol") or None
+        if subprotocol is not None and subprotocol not in upgrade.offered:
+            # the client would fail the handshake: never answer with one it did not offer
+            log.warning("ASGI app accepted subprotocol %r, which the client did not offer: ignored", subprotocol)
+            subprotocol = None
+        given = {name.lower() for name, _ in headers}
+        defaults = [(bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
+                    for name, value in self._default_headers]
+        headers = [(name, value) for name, value in defaults if name.lower() not in given] + headers
+        accepted = upgrade.response(subprotocol, headers)  # ValueError for a header that could split it
+        transport.write(accepted.response)
+        self._open(transport, accepted.deflate)
 
-    def _open(self, transport: asyncio.Transport) -> None:
-        """The 101 is out: the wire core takes over the reads."""
+    def _open(self, transport: asyncio.Transport, deflate: Any) -> None:
+        """The 101 is out: the wire core takes over the reads (``deflate``: the negotiated state)."""
         config = self._config
-        deflate = self._accepted.deflate
-        self._accepted = None
+        self._upgrade = None
         write = getattr(transport, "write_nocheck", transport.write)  # aiofastnet: writes without checks
         writelines = getattr(transport, "writelines_nocheck", transport.writelines)
         writer = self._writer = FrameWriter(write, is_server=True, writelines=writelines,
