@@ -13,15 +13,10 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 
-from handshake_cost import REQUEST, free_port  # bench/handshake_cost.py
+from benchutil import callgrind_instructions  # bench/benchutil.py
+from handshake_cost import REQUEST  # bench/handshake_cost.py
 
 FRAME = b"\x81\xc0\x00\x00\x00\x00" + b"m" * 64  # masked (key 0) 64-byte text frame
 ECHO = 2 + 64
@@ -49,28 +44,7 @@ def talk(port: int, messages: int, batch: int) -> None:
 
 
 def run_server(messages: int, batch: int, extra: list[str]) -> int:
-    port = free_port()
-    out = tempfile.mktemp(prefix="callgrind.echo.")
-    server = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
-                               "fastws", "serve", "--port", str(port), "--ping-interval", "0", *extra],
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.2)
-        talk(port, messages, batch)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-    text = open(out).read()
-    os.unlink(out)
-    return int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))
+    return callgrind_instructions(["--ping-interval", "0", *extra], lambda port: talk(port, messages, batch))
 
 
 def main() -> None:

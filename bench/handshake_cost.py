@@ -12,25 +12,15 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
+
+from benchutil import callgrind_instructions  # bench/benchutil.py
 
 REQUEST = ("GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
 # masked text "hi" (mask 0) and a masked close 1000
 HELLO = b"\x81\x82\x00\x00\x00\x00hi"
 CLOSE = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cycle(port: int) -> None:
@@ -55,30 +45,12 @@ def cycle(port: int) -> None:
 
 
 def run_server(cycles: int, extra: list[str]) -> int:
-    port = free_port()
-    out = tempfile.mktemp(prefix="callgrind.handshake.")
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "fastws",
-           "serve", "--port", str(port), *extra]
-    server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)  # the access log goes there too
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.2)
+    def drive(port: int) -> None:
         cycle(port)  # warm-up (the probe connection above also went through the HTTP phase)
         for _ in range(cycles):
             cycle(port)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-    text = open(out).read()
-    os.unlink(out)
-    return int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))
+
+    return callgrind_instructions(extra, drive)
 
 
 def main() -> None:

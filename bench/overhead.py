@@ -19,7 +19,8 @@ import os
 import subprocess
 import sys
 
-from tls import free_port, pinned, throughput, wait_port  # bench/tls.py
+from benchutil import free_port  # bench/benchutil.py
+from tls import pinned, throughput, wait_port  # bench/tls.py
 
 
 async def main() -> None:

@@ -104,7 +104,7 @@ PAUSED_WRITING: int  # SessionCore._paused bit: the transport asked us to stop w
 OPEN_STATE: int
 
 class _Ready:
-    def __await__(self) -> Generator[Any, None, None]: ...
+    def __await__(self) -> Generator[Any]: ...
 
 READY: _Ready  # returned by send() when nothing needs awaiting (awaiting it does not suspend)
 

@@ -1,0 +1,60 @@
+"""Small helpers shared by the scripts in bench/ (not installed)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss(pid: int) -> int:
+    """Resident bytes of a process (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def callgrind_instructions(serve_args: list[str], drive: Callable[[int], None]) -> int:
+    """Run `fastws serve` under callgrind, call ``drive(port)`` once it listens, stop it; returns the
+    instructions the server executed in all (its start-up included: callers subtract two runs)."""
+    port = free_port()
+    out = tempfile.mktemp(prefix="callgrind.fastws.")
+    server = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                               "-m", "fastws", "serve", "--port", str(port), *serve_args],
+                              stderr=subprocess.DEVNULL)  # the access log goes there too
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("server did not start") from None
+                time.sleep(0.2)
+        drive(port)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+    text = Path(out).read_text()
+    Path(out).unlink()
+    found = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+    if found is None:
+        raise RuntimeError("no instruction count in callgrind's output")
+    return int(found.group(1))
