@@ -86,7 +86,8 @@ async def test_chat_reaches_clients_on_the_other_node(start_server, redis_port):
         # every message a node gets from Redis is one the other node sent it: none comes back to its sender
         await wait_for(lambda: bp_a.stats["received"] == bp_b.stats["sends"]
                        and bp_b.stats["received"] == bp_a.stats["sends"], 10)
-        assert bp_a.stats["sends"] >= 2 and bp_b.stats["sends"] >= 2
+        # (B's own join notice may go out before B has heard of A's member: only its chat line is sure)
+        assert bp_a.stats["sends"] >= 2 and bp_b.stats["sends"] >= 1
         # each arrival's lag from its publication on the other node (same host: same clock)
         for bp in (bp_a, bp_b):
             assert sum(bp.receive_lag.counts) == bp.stats["received"]
