@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httptools
@@ -371,19 +372,10 @@ def negotiate(
     return Upgrade(key, offered, subprotocol, pmd)
 
 
-def accept(
-    request: Request,
-    *,
-    subprotocols: Sequence[str] = (),
-    select_subprotocol: Callable[[Request, list[str]], str | None] | None = None,
-    allowed_origins: Sequence[str] | None = None,
-    deflate: DeflateOptions | None = None,
-    max_message_size: int = 1 << 20,
-) -> Accepted:
-    """Validate an upgrade request and build the 101 response (``negotiate`` then its ``response``)."""
-    return negotiate(request, subprotocols=subprotocols, select_subprotocol=select_subprotocol,
-                     allowed_origins=allowed_origins, deflate=deflate,
-                     max_message_size=max_message_size).response()
+def accept(request: Request, **options: Any) -> Accepted:
+    """Validate an upgrade request and build the 101 response: ``negotiate(request, **options)``
+    (same keyword options), then its ``response()``."""
+    return negotiate(request, **options).response()
 
 
 _NONE: list[str] = []
