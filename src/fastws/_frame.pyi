@@ -139,6 +139,35 @@ class SessionCore:
     ka_bucket: Any
     ka_prev: Any
     ka_next: Any
+    # for the Python half (fastws.connection.Session) and the state machine (fastws.protocol)
+    _server: Any
+    _head: bytes
+    _remote: str | None
+    _drain: asyncio.Future[None] | None
+    _inbox: Inbox | None
+    _task: asyncio.Task[Any] | None
+    _paused: int
+    _async_messages: int
+    _state: int
+    _close_sent: int
+    _close_received: int
+    _close_code: int
+    _close_reason: str
+    _closed_by: str | None
+    _sent_close: Any
+    _deadline: Any
+    def _init_core(self, session_id: int, server: Any, head: bytes, remote: str | None) -> None: ...
+    def _attach_wire(self, transport: asyncio.BaseTransport, *, max_message_size: int, max_frames_per_read: int,
+                     deflate: Callable[[str | bytes], bytes] | None = None,
+                     inflate: Callable[[bytes], bytes] | None = None, compress_threshold: int = 128,
+                     now: float = 0.0, direct: bool = False) -> None: ...
+    def _deliver_to(self, func: Callable[..., object], with_endpoint: bool = False) -> None: ...
+    def _deliver_to_inbox(self) -> None: ...
+    def _uncork_later(self) -> None: ...
+    def _feed_bytes(self, data: bytes) -> None: ...
+    def _stop_input(self) -> None: ...
+    def _parse_backlog(self) -> None: ...
+    def _write_frame(self, opcode: int, payload: bytes | str) -> None: ...
     def recv(self) -> Awaitable[str | bytes]: ...  # no future when a message is queued
     def __aiter__(self) -> SessionCore: ...
     def __anext__(self) -> Awaitable[str | bytes]: ...  # ends quietly on 1000, 1001, 1005
