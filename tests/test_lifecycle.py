@@ -14,6 +14,7 @@ import struct
 import weakref
 
 import pytest
+import websockets
 
 from fastws import App, Endpoint, Session
 from wsraw import OP_CLOSE, OP_PING, OP_TEXT, RawWS, build_frame, close_payload, wait_for, wait_no_connections
@@ -515,3 +516,30 @@ async def test_one_read_full_of_tiny_frames_does_not_starve_other_connections(st
     flood.abort()
     other.abort()
     await wait_no_connections(server)
+
+
+async def test_async_on_message_in_order_whether_or_not_it_waits(start_server) -> None:
+    """An async on_message that finishes without waiting runs as a plain call; one that waits goes on
+    in a task with the later messages queued behind it; then plain calls again -- one order throughout."""
+    app = App()
+    seen: list[str] = []
+
+    class Sometimes(Endpoint):
+        async def on_message(self, message: str | bytes) -> None:
+            assert isinstance(message, str)
+            if message.startswith("wait"):
+                await asyncio.sleep(0.002)
+            seen.append(message)
+            await self.session.send(message)
+
+    app.route("/sometimes")(Sometimes)
+    _, port = await start_server(app)
+    expected = []
+    async with websockets.connect(f"ws://127.0.0.1:{port}/sometimes") as ws:
+        for batch in range(5):
+            names = [f"{'wait' if (batch + i) % 3 == 0 else 'now'}-{batch}-{i}" for i in range(7)]
+            for name in names:
+                await ws.send(name)
+            assert [await ws.recv() for _ in names] == names  # echoed in order, none lost
+            expected += names
+    assert seen == expected
