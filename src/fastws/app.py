@@ -87,6 +87,11 @@ class Config:
         if self.proxy_protocol and not self._proxies:
             raise ValueError("proxy_protocol needs trusted_proxies: the addresses allowed to send PROXY headers")
 
+    @property
+    def trusts_proxies(self) -> bool:
+        """Some peers are trusted proxies: a client's address may then differ from its TCP peer's."""
+        return bool(self._proxies)
+
     def is_trusted_proxy(self, host: str) -> bool:
         if not self._proxies:
             return False

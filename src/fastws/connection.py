@@ -35,10 +35,18 @@ log = logging.getLogger("fastws")
 INBOX_FULL, BACKLOG = 2, 4
 
 
+_PLAIN_TCP: dict[type, bool] = {}  # transport type -> _plain_tcp's answer
+
+
 def _plain_tcp(transport: asyncio.BaseTransport) -> bool:
     """uvloop's plain TCP transport, whose socket fan-out may write to directly while the transport
-    has nothing queued (not TLS, nor other transports)."""
-    return type(transport).__name__ == "TCPTransport" and transport.get_extra_info("sslcontext") is None
+    has nothing queued (not TLS -- uvloop hands TLS connections an _SSLProtocolTransport --, nor
+    other transports).  Answered once per transport type."""
+    kind = type(transport)
+    plain = _PLAIN_TCP.get(kind)
+    if plain is None:
+        plain = _PLAIN_TCP[kind] = kind.__name__ == "TCPTransport" and kind.__module__.startswith("uvloop")
+    return plain
 
 
 def _unexpected_data(data: bytes) -> None:
@@ -61,7 +69,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
     # instead of a method costs no bound method per connection (reads use get_buffer).
     data_received = staticmethod(_unexpected_data)
 
-    def __init__(self, server: Server, request: Request, remote: str, subprotocol: str | None,
+    def __init__(self, server: Server, request: Request, remote: str | None, subprotocol: str | None,
                  deflate: Any = None) -> None:
         self._init_core(server.next_session_id(), server, request.pack(), remote)
         self._init_protocol()

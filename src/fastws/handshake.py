@@ -214,6 +214,11 @@ class HeadParser:
 
     def _feed(self, data: bytes) -> Request | None:
         seen = self._head
+        if not seen:  # the usual case: the whole head comes in the first read
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end <= self.max_head_size - 4:
+                self._lines = data.count(b"\r\n", 0, end + 4)
+                return self._complete(data[:end + 4], data[end + 4:])
         window = bytes(seen[-3:]) + data
         end = window.find(b"\r\n\r\n")
         if end >= 0:
@@ -228,28 +233,35 @@ class HeadParser:
             head = head[:allowed]
         self._lines += (bytes(seen[-1:]) + head).count(b"\r\n")
         seen += head
-
-        try:
-            self._parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            pass  # llhttp pauses after an upgrade request's head: that is the end we wanted
-        except httptools.HttpParserError as exc:
-            raise HandshakeError(400, _parse_error_reason(exc, len(seen), head)) from None
-        complete = end >= 0 and not too_big
-        fields = self._lines - (2 if complete else 1)  # not the request line, nor the final empty one
-        if fields > self.max_headers:
+        if end >= 0 and not too_big:
+            return self._complete(bytes(seen), rest, head)
+        self._parse(head, len(seen))
+        if self._lines - 1 > self.max_headers:  # not the request line
             raise HandshakeError(431, f"more than {self.max_headers} header fields")
         if too_big:
             raise HandshakeError(431, f"request head larger than {self.max_head_size} bytes")
+        return None
 
-        if not complete:
-            return None
+    def _parse(self, chunk: bytes, size: int) -> None:
+        """Give llhttp the next part of the head (``size``: the head's length so far)."""
+        try:
+            self._parser.feed_data(chunk)
+        except httptools.HttpParserUpgrade:
+            pass  # llhttp pauses after an upgrade request's head: that is the end we wanted
+        except httptools.HttpParserError as exc:
+            raise HandshakeError(400, _parse_error_reason(exc, size, chunk)) from None
+
+    def _complete(self, head: bytes, rest: bytes, last: bytes | None = None) -> Request:
+        """The whole head has arrived (``last``: its final part, if earlier parts went to llhttp)."""
+        self._parse(head if last is None else last, len(head))
+        if self._lines - 2 > self.max_headers:  # not the request line, nor the final empty one
+            raise HandshakeError(431, f"more than {self.max_headers} header fields")
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):  # e.g. 0.9, or the HTTP/2 preface "PRI * HTTP/2.0"
             raise HandshakeError(505, f"HTTP version {version} not supported")
         if not self._sink.complete:  # llhttp saw the head end but no complete head: never trust silence
             raise HandshakeError(400, "malformed HTTP request head")
-        lines = seen.decode("latin-1").split("\r\n")  # header bytes are opaque octets: latin-1 maps 1:1
+        lines = head.decode("latin-1").split("\r\n")  # header bytes are opaque octets: latin-1 maps 1:1
         target = lines[0].partition(" ")[2].rpartition(" ")[0]
         header_list = []
         for line in lines[1:-2]:

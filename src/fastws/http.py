@@ -54,7 +54,7 @@ class HttpProtocol(asyncio.Protocol):
         self._server = server
         self._parser: HeadParser | None = None
         self._transport: asyncio.Transport | None = None
-        self._peer = "unknown"
+        self._peer: str | None = None  # the TCP peer's address, looked up when first needed (peer)
         self.deadline = math.inf  # the server's sweep times the connection out then (timed_out)
         self._started = 0.0  # when this request's wait began (the handshake histogram)
         self._task: asyncio.Task[Any] | None = None  # an async handler or connect hook being awaited
@@ -67,8 +67,6 @@ class HttpProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         server = self._server
         cfg = server.config
-        peer = transport.get_extra_info("peername")
-        self._peer = peer[0] if peer else "unknown"  # AF_UNIX peers have no address
         if not server.http_started(self):
             self._done = True
             self._reply(http_response(503, "too many connections still in the HTTP phase\n",
@@ -77,7 +75,15 @@ class HttpProtocol(asyncio.Protocol):
         self._started = time.monotonic()  # the loop's clock has a resolution of 1 ms (uvloop)
         self.deadline = server.loop.time() + cfg.handshake_timeout
         self._parser = HeadParser(max_head_size=cfg.max_head_size, max_headers=cfg.max_headers)
-        self._proxy_due = cfg.proxy_protocol and cfg.is_trusted_proxy(self._peer)
+        self._proxy_due = cfg.proxy_protocol and cfg.is_trusted_proxy(self.peer)
+
+    @property
+    def peer(self) -> str:
+        """The TCP peer's address (or the PROXY header's source): a system call, so only on demand."""
+        if self._peer is None:
+            peer = self._transport.get_extra_info("peername") if self._transport is not None else None
+            self._peer = peer[0] if peer else "unknown"  # AF_UNIX peers have no address
+        return self._peer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
@@ -115,8 +121,8 @@ class HttpProtocol(asyncio.Protocol):
             if not data:
                 return
         elif self._server.config.proxy_protocol and self._parser.idle and proxy_protocol.looks_like_proxy_header(
-                data) and not self._server.config.is_trusted_proxy(self._peer):
-            self._refuse_early(400, f"PROXY protocol header from {self._peer}, which is not a trusted proxy")
+                data) and not self._server.config.is_trusted_proxy(self.peer):
+            self._refuse_early(400, f"PROXY protocol header from {self.peer}, which is not a trusted proxy")
             return
         if self._task is not None:  # an answer is pending: keep what comes, in order
             self._hold(data)
@@ -300,7 +306,7 @@ class HttpProtocol(asyncio.Protocol):
         self._reply(response or error_response(err))
 
     def _remote(self, request: Request) -> str:
-        return client_address(self._peer, request.headers, self._server.config)
+        return client_address(self.peer, request.headers, self._server.config)
 
     def _upgrade(self, request: Request, route: Route, params: dict[str, str]) -> None:
         server = self._server
@@ -319,13 +325,15 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("error while accepting a WebSocket upgrade on %s", request.path)
             self._refuse(request, HandshakeError(500, "internal server error"))
             return
-        remote = self._remote(request)
+        hook = server.app.connect_hook(route)
+        # None: the session reads its TCP peer's address only if asked (a system call per connection)
+        remote = (self._remote(request) if cfg.max_connections_per_ip or cfg.trusts_proxies or hook is not None
+                  or server.access_log else None)
         if cfg.max_connections_per_ip and not server.claim_address(remote):
             self._refuse(request, HandshakeError(
                 429, f"too many connections from {remote} (at most {cfg.max_connections_per_ip})",
                 [("Retry-After", "5")]))
             return
-        hook = server.app.connect_hook(route)
         if hook is None:
             self._switch(request, route, params, remote, upgrade, None)
             return
@@ -388,11 +396,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._refuse(request, HandshakeError(rejection.status, reason.splitlines()[0][:200]), response)
 
-    def _release(self, remote: str) -> None:
+    def _release(self, remote: str | None) -> None:
         if self._server.config.max_connections_per_ip:
             self._server.release_address(remote)
 
-    def _switch(self, request: Request, route: Route, params: dict[str, str], remote: str, upgrade: Upgrade,
+    def _switch(self, request: Request, route: Route, params: dict[str, str], remote: str | None, upgrade: Upgrade,
                 result: Any) -> None:
         """Send the 101 (with what the connect hook asked for) and hand the connection to a Session."""
         server = self._server
