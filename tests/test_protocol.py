@@ -201,3 +201,27 @@ async def test_inbox_get_without_messages_waits() -> None:
     assert inbox.waiting and not waiter.done()
     inbox.put(b"x")
     assert await waiter == b"x"
+
+
+async def test_a_queued_message_comes_back_in_an_awaitable_that_is_already_done() -> None:
+    """recv() / async for on a non-empty inbox return a finished awaitable (no coroutine, no
+    future): every way of awaiting it gets the message, once."""
+    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=16, max_bytes=0)
+    for m in (b"a", "b", b"c", "d", b"e", "f"):
+        inbox.put(m)
+    assert await inbox.get() == b"a"
+    assert await inbox.anext() == "b"
+    assert await asyncio.wait_for(inbox.get(), 1) == b"c"
+    assert await asyncio.gather(inbox.get(), inbox.anext()) == ["d", b"e"]
+    step = inbox.get().__await__()  # the iterator protocol, as a hand-written event loop drives it
+    with pytest.raises(StopIteration) as stopped:
+        step.send(None)
+    assert stopped.value.value == "f"
+    with pytest.raises(StopIteration) as again:
+        next(step)
+    assert again.value.value is None  # handed out once
+    inbox.end(ConnectionClosed(1000))
+    with pytest.raises(StopAsyncIteration):
+        await inbox.anext()
+    with pytest.raises(ConnectionClosed):
+        await inbox.get()

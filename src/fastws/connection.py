@@ -362,33 +362,30 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         return inbox
 
     def _deliver_eagerly(self) -> None:
-        """Messages go from the wire core to an async on_message, run at once (see _eager_message)."""
+        """Messages go from the wire core to an async on_message, run at once as a plain call: most
+        handlers finish without waiting for anything (a send to a client that keeps up does not
+        suspend), and then they cost no task step and no queue (the wire core's _run_eagerly).  One
+        that does wait goes on in a task (_suspended_message), and the messages behind it queue for
+        it, in order (and under the inbox's bounds); when the queue is empty again, delivery returns
+        to this path."""
         self._async_messages = False
-        self._deliver_to(self._eager_message)
+        endpoint = self.endpoint
+        func = getattr(type(endpoint), "on_message", None)
+        if isinstance(func, types.FunctionType) and getattr(endpoint.on_message, "__func__", None) is func:
+            self._deliver_to(func, True, True)  # the class's function: no bound method per connection
+        else:
+            self._deliver_to(endpoint.on_message, False, True)
 
-    def _eager_message(self, message: str | bytes) -> None:
-        """Run the async on_message for ``message`` right here, as a plain call: most handlers finish
-        without waiting for anything (a send to a client that keeps up does not suspend), and then
-        they cost no task step and no queue.  One that does wait goes on in a task, and the messages
-        behind it queue for it, in order (and under the inbox's bounds); when the queue is empty
-        again, delivery returns to this path."""
-        coro = self.endpoint.on_message(message)
-        try:
-            waiting_for = coro.send(None)
-        except StopIteration:
-            return
-        except ConnectionClosed:
-            return  # sending after the close: not an application error
-        except Exception as exc:
-            self._user_error(exc, "on_message")
-            return
+    def _suspended_message(self, coro: Any, waiting_for: Any) -> None:
+        """The wire core ran an async on_message and it waits for ``waiting_for``: a task drives it
+        on, and the next messages queue behind it."""
         self._async_messages = True
         self._deliver_to_inbox()
         self._task = self._server.spawn(self._finish_message(coro, waiting_for))
 
     async def _finish_message(self, coro: Any, waiting_for: Any) -> None:
         """Drive a suspended on_message to its end as a task would (awaiting what it yielded), then
-        the messages that queued meanwhile, then hand delivery back to _eager_message."""
+        the messages that queued meanwhile, then hand delivery back to the eager path."""
         try:
             while True:
                 try:
@@ -435,7 +432,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
 
     async def _run_queue(self) -> None:
         """Hand queued messages to an async on_message, in order, one at a time; once the queue is
-        empty, delivery goes back to _eager_message."""
+        empty, delivery goes back to the eager path (_deliver_eagerly)."""
         inbox = self._make_inbox()
         get = inbox.get
         handler = self.endpoint.on_message
