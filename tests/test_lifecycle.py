@@ -6,6 +6,7 @@ keepalive, and memory is bounded per process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -519,8 +520,8 @@ async def test_one_read_full_of_tiny_frames_does_not_starve_other_connections(st
 
 
 async def test_async_on_message_in_order_whether_or_not_it_waits(start_server) -> None:
-    """An async on_message that finishes without waiting runs as a plain call; one that waits goes on
-    in a task with the later messages queued behind it; then plain calls again -- one order throughout."""
+    """Async on_message calls that finish at once and ones that wait, mixed: one order throughout,
+    none lost (the later messages queue behind one that waits)."""
     app = App()
     seen: list[str] = []
 
@@ -543,3 +544,38 @@ async def test_async_on_message_in_order_whether_or_not_it_waits(start_server) -
             assert [await ws.recv() for _ in names] == names  # echoed in order, none lost
             expected += names
     assert seen == expected
+
+
+async def test_async_code_runs_in_a_task(start_server) -> None:
+    """An async on_message and a handler coroutine run inside a task, as asyncio code expects:
+    current_task() is theirs, asyncio.timeout() works (it needs a task), and a context variable set
+    in one message is still set for the next (one task per connection, one context)."""
+    import contextvars
+
+    app = App()
+    count: contextvars.ContextVar[int] = contextvars.ContextVar("count", default=0)
+
+    def timeout(seconds: float):  # asyncio.timeout (3.11+), else wait_for's own task check
+        return asyncio.timeout(seconds) if hasattr(asyncio, "timeout") else contextlib.nullcontext()
+
+    class Timed(Endpoint):
+        async def on_message(self, message: str | bytes) -> None:
+            count.set(count.get() + 1)
+            async with timeout(5):
+                await self.session.send(f"{message} task={asyncio.current_task() is not None} n={count.get()}")
+
+    async def timed_handler(ws: Session) -> None:
+        async for message in ws:
+            async with timeout(5):
+                await ws.send(f"{message} task={asyncio.current_task() is not None}")
+
+    app.route("/timed")(Timed)
+    app.route("/timed-handler")(timed_handler)
+    _, port = await start_server(app)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/timed") as ws:
+        for i in range(1, 4):
+            await ws.send("m")
+            assert await ws.recv() == f"m task=True n={i}"
+    async with websockets.connect(f"ws://127.0.0.1:{port}/timed-handler") as ws:
+        await ws.send("h")
+        assert await ws.recv() == "h task=True"

@@ -12,7 +12,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.ref cimport PyObject, Py_DECREF
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
@@ -27,9 +26,6 @@ cdef extern from "Python.h":
     object PyObject_CallMethodNoArgs(object obj, object name)
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
     int PyBUF_WRITE
-    # Python 3.10+: resumes a coroutine and says whether it returned (0) or yielded (1), without
-    # raising StopIteration for a return (-1: it raised)
-    int PyIter_Send(object iter, object arg, PyObject **presult) except -1
 
 cdef extern from "_sock.h" nogil:
     long fastws_send(int fd, const void *buf, size_t n)  # non-blocking, no SIGPIPE; -1 on Windows
@@ -502,9 +498,6 @@ cdef object S_BUFFER_SIZE = "get_write_buffer_size"
 cdef tuple EMPTY_TUPLE = ()
 
 PAUSED_WRITING = 1  # SessionCore._paused bits; the Python session adds its own
-cdef enum:  # SessionCore._to_endpoint bits: how a message reaches the application
-    TO_ENDPOINT = 1   # _on_message(endpoint, message), else _on_message(message)
-    TO_COROUTINE = 2  # the call returns a coroutine, run at once (_run_eagerly)
 OPEN_STATE = 1  # fastws.protocol.OPEN
 
 
@@ -1639,7 +1632,7 @@ cdef class SessionCore(_Wire):
     cdef public unsigned char _close_sent
     cdef public unsigned char _close_received
     cdef unsigned char _queued       # messages go to the inbox (async code takes them)
-    cdef unsigned char _to_endpoint  # TO_ENDPOINT, TO_COROUTINE bits (see _deliver_to)
+    cdef unsigned char _to_endpoint  # messages go to _on_message(endpoint, message)
     cdef public object _close_reason
     cdef public object _closed_by
     cdef public object _sent_close
@@ -1670,13 +1663,11 @@ cdef class SessionCore(_Wire):
         self._max_frames = max_frames_per_read
         self._last_read = self._last_message = now
 
-    def _deliver_to(self, func, bint with_endpoint=False, bint eager=False):
+    def _deliver_to(self, func, bint with_endpoint=False):
         """Messages go to ``func(message)``, or to ``func(self.endpoint, message)`` (the endpoint
-        class's plain function: no bound method is kept per connection).  ``eager``: the call
-        returns a coroutine (an async on_message), run here at once as a plain call; if it waits
-        for something, the Python half's ``_suspended_message(coroutine, awaited)`` takes it over."""
+        class's plain function: no bound method is kept per connection)."""
         self._on_message = func
-        self._to_endpoint = (TO_ENDPOINT if with_endpoint else 0) | (TO_COROUTINE if eager else 0)
+        self._to_endpoint = with_endpoint
         self._queued = False
 
     def _deliver_to_inbox(self):
@@ -1685,16 +1676,10 @@ cdef class SessionCore(_Wire):
         self._queued = True
 
     cdef int _deliver_message(self, object message) except -1:
-        cdef object result
         if self._to_endpoint:
             self._messages += 1
             self._last_message = _clock
-            if self._to_endpoint & TO_ENDPOINT:
-                result = self._on_message(self.endpoint, message)
-            else:
-                result = self._on_message(message)
-            if self._to_endpoint & TO_COROUTINE:
-                self._run_eagerly(result)
+            self._on_message(self.endpoint, message)
             return 0
         if not self._queued:
             return _Wire._deliver_message(self, message)
@@ -1710,25 +1695,6 @@ cdef class SessionCore(_Wire):
             # a task runs next to answer: its replies of that loop turn leave in one write with ours
             self._cork()
             self._server.loop.call_soon(self._uncork_later)
-        return 0
-
-    cdef int _run_eagerly(self, object coro) except -1:
-        """Run an async on_message's coroutine until it returns or waits (most return at once: a
-        send to a client that keeps up does not suspend), with no task step, no queue and no
-        StopIteration.  One that waits goes to the Python half, which drives it on in a task."""
-        cdef PyObject *awaited = NULL
-        cdef int outcome
-        try:
-            outcome = PyIter_Send(coro, None, &awaited)
-        except ConnectionClosed:
-            return 0  # sending after the close: not an application error
-        except Exception as exc:
-            self._user_error(exc, "on_message")
-            return 0
-        waiting_for = <object>awaited  # a new reference: the object takes it over
-        Py_DECREF(waiting_for)
-        if outcome == 1:
-            self._suspended_message(coro, waiting_for)
         return 0
 
     def _uncork_later(self):

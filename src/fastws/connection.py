@@ -127,11 +127,9 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             return
         self.endpoint = endpoint
         self._attach(transport)
-        if route.async_open:
+        if route.async_open or route.async_message:
             self._async_messages = route.async_message
             self._deliver_to_inbox()
-        elif route.async_message:
-            self._deliver_eagerly()
         else:
             self._deliver_directly()
         server.session_opened(self)
@@ -361,65 +359,6 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
                 inbox.end(self.connection_closed_error())
         return inbox
 
-    def _deliver_eagerly(self) -> None:
-        """Messages go from the wire core to an async on_message, run at once as a plain call: most
-        handlers finish without waiting for anything (a send to a client that keeps up does not
-        suspend), and then they cost no task step and no queue (the wire core's _run_eagerly).  One
-        that does wait goes on in a task (_suspended_message), and the messages behind it queue for
-        it, in order (and under the inbox's bounds); when the queue is empty again, delivery returns
-        to this path."""
-        self._async_messages = False
-        endpoint = self.endpoint
-        func = getattr(type(endpoint), "on_message", None)
-        if isinstance(func, types.FunctionType) and getattr(endpoint.on_message, "__func__", None) is func:
-            self._deliver_to(func, True, True)  # the class's function: no bound method per connection
-        else:
-            self._deliver_to(endpoint.on_message, False, True)
-
-    def _suspended_message(self, coro: Any, waiting_for: Any) -> None:
-        """The wire core ran an async on_message and it waits for ``waiting_for``: a task drives it
-        on, and the next messages queue behind it."""
-        self._async_messages = True
-        self._deliver_to_inbox()
-        self._task = self._server.spawn(self._finish_message(coro, waiting_for))
-
-    async def _finish_message(self, coro: Any, waiting_for: Any) -> None:
-        """Drive a suspended on_message to its end as a task would (awaiting what it yielded), then
-        the messages that queued meanwhile, then hand delivery back to the eager path."""
-        try:
-            while True:
-                try:
-                    if waiting_for is None:  # a bare yield (asyncio.sleep(0)): one loop turn
-                        await asyncio.sleep(0)
-                    else:
-                        waiting_for._asyncio_future_blocking = False  # as a Task takes a yielded future
-                        await asyncio.wait((waiting_for,))  # its outcome is the coroutine's to take
-                except asyncio.CancelledError:
-                    if waiting_for is not None:
-                        waiting_for.cancel()  # the coroutine sees the cancellation where it waits
-                    coro.throw(asyncio.CancelledError())
-                    raise
-                waiting_for = coro.send(None)
-        except StopIteration:
-            pass
-        except ConnectionClosed:
-            pass
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._user_error(exc, "on_message")
-            self._task = None
-            return
-        finally:
-            coro.close()
-        inbox = self._inbox
-        if inbox is not None and len(inbox):
-            await self._run_queue()  # in this task: on_close waits until the queue is handled too
-            return
-        self._task = None
-        if self._state == OPEN:
-            self._deliver_eagerly()
-
     def _start_queue(self) -> None:
         """Messages are queued for an async on_message and nothing takes them yet."""
         self._task = self._server.spawn(self._run_queue())
@@ -431,17 +370,14 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             self._pause_reading(INBOX_FULL)  # the application is behind: TCP pushes back on the peer
 
     async def _run_queue(self) -> None:
-        """Hand queued messages to an async on_message, in order, one at a time; once the queue is
-        empty, delivery goes back to the eager path (_deliver_eagerly)."""
-        inbox = self._make_inbox()
-        get = inbox.get
+        """Hand queued messages to an async on_message, in order, one at a time, for the rest of
+        the connection (parked on the inbox between messages: no task is made per message).  It
+        runs in a task, as async code expects: asyncio.timeout(), current_task() and context
+        variables work in on_message; a queued message comes back from the inbox already done."""
+        get = self._make_inbox().get
         handler = self.endpoint.on_message
         try:
             while True:
-                if not len(inbox) and self._state == OPEN:
-                    self._task = None
-                    self._deliver_eagerly()
-                    return
                 try:
                     message = await get()
                 except ConnectionClosed:
