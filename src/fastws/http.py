@@ -79,7 +79,7 @@ class HttpProtocol(asyncio.Protocol):
 
     @property
     def peer(self) -> str:
-        """The TCP peer's address (or the PROXY header's source): a system call, so only on demand."""
+        """The TCP peer's address (or the PROXY header's source), made into a string only on demand."""
         if self._peer is None:
             peer = self._transport.get_extra_info("peername") if self._transport is not None else None
             self._peer = peer[0] if peer else "unknown"  # AF_UNIX peers have no address
@@ -326,7 +326,7 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(request, HandshakeError(500, "internal server error"))
             return
         hook = server.app.connect_hook(route)
-        # None: the session reads its TCP peer's address only if asked (a system call per connection)
+        # None: the session reads its TCP peer's address only if asked (most connections never are)
         remote = (self._remote(request) if cfg.max_connections_per_ip or cfg.trusts_proxies or hook is not None
                   or server.access_log else None)
         if cfg.max_connections_per_ip and not server.claim_address(remote):
