@@ -555,7 +555,7 @@ async def test_async_code_runs_in_a_task(start_server) -> None:
     app = App()
     count: contextvars.ContextVar[int] = contextvars.ContextVar("count", default=0)
 
-    def timeout(seconds: float):  # asyncio.timeout (3.11+), else wait_for's own task check
+    def timeout(seconds: float):  # asyncio.timeout (3.11+; it needs a task); 3.10: current_task() alone
         return asyncio.timeout(seconds) if hasattr(asyncio, "timeout") else contextlib.nullcontext()
 
     class Timed(Endpoint):
