@@ -17,7 +17,6 @@ import random
 import time
 
 from compression import quote  # bench/compression.py
-
 from fastws._zlib import ZLIB_VERSION, Deflater
 
 SETTINGS = [  # (level, window bits, memLevel, context takeover, what it is)
