@@ -17,7 +17,8 @@ import weakref
 import pytest
 import websockets
 
-from fastws import App, Endpoint, Session
+from compat import deadline
+from fastws import App, ConnectionClosed, Endpoint, Session
 from wsraw import OP_CLOSE, OP_PING, OP_TEXT, RawWS, build_frame, close_payload, wait_for, wait_no_connections
 
 pytestmark = pytest.mark.timeout(60)
@@ -579,3 +580,55 @@ async def test_async_code_runs_in_a_task(start_server) -> None:
     async with websockets.connect(f"ws://127.0.0.1:{port}/timed-handler") as ws:
         await ws.send("h")
         assert await ws.recv() == "h task=True"
+
+
+async def test_a_parked_handler_is_woken_by_the_read_in_its_own_task(start_server) -> None:
+    """A handler parked in recv() runs when its message is read, inside its own task and context:
+    timeouts around recv() and context variables behave as in any asyncio task, a timed-out recv()
+    loses no message, and two coroutines waiting on one connection get a clear error."""
+    import contextvars
+
+    app = App()
+    who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="unset")
+    async def handler(ws: Session) -> None:
+        errors: list[str] = []
+        who.set("handler")
+        task = asyncio.current_task()
+        timeouts = 0
+        while True:
+            try:
+                async with deadline(0.05):
+                    message = await ws.recv()
+            except asyncio.TimeoutError:
+                timeouts += 1
+                continue
+            except ConnectionClosed:
+                return
+            if message == "twice":
+                other = asyncio.ensure_future(ws.recv())
+                await asyncio.sleep(0)
+                try:
+                    await ws.recv()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+                other.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await other
+                await ws.send(f"twice: {errors}")
+                continue
+            await ws.send(f"{message} who={who.get()} same-task={asyncio.current_task() is task} "
+                          f"waited={timeouts > 0}")
+
+    BUSY = "another coroutine is already waiting for the next message on this connection"
+    app.route("/parked")(handler)
+    _, port = await start_server(app)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/parked") as ws:
+        await ws.send("a")
+        assert await ws.recv() == "a who=handler same-task=True waited=False"
+        await asyncio.sleep(0.2)  # a few timeouts go by
+        await ws.send("b")
+        assert await ws.recv() == "b who=handler same-task=True waited=True"
+        await ws.send("twice")
+        assert await ws.recv() == f"twice: {[BUSY]}"
+        await ws.send("c")
+        assert await ws.recv() == "c who=handler same-task=True waited=True"

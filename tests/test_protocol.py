@@ -203,6 +203,67 @@ async def test_inbox_get_without_messages_waits() -> None:
     assert await waiter == b"x"
 
 
+async def test_a_wait_for_a_message_is_cancellable_and_loses_nothing() -> None:
+    """An empty inbox hands out its one reusable waiting awaitable: timeouts and cancellation end the
+    wait (the task sees CancelledError / TimeoutError), and a message that comes afterwards is
+    still the next one; ensure_future() runs the wait in a task (it is not a Future itself)."""
+    loop = asyncio.get_running_loop()
+    inbox = Inbox(loop, lambda more: None, max_messages=16, max_bytes=0)
+    for _ in range(3):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(inbox.get(), 0.01)
+        assert not inbox.waiting
+    waiter = asyncio.ensure_future(inbox.anext())
+    assert isinstance(waiter, asyncio.Task)
+    await asyncio.sleep(0)
+    assert inbox.waiting
+    waiter.cancel("bye")
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not inbox.waiting
+    inbox.put("after")
+    assert await inbox.get() == "after"
+    # woken, then cancelled before it ran: the message stays queued for the next wait
+    waiter = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put("kept")
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert len(inbox) == 1 and await inbox.get() == "kept"
+
+
+async def test_only_one_coroutine_waits_for_the_next_message() -> None:
+    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=16, max_bytes=0)
+    first = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="another coroutine is already waiting for the next message"):
+        await inbox.get()
+    inbox.put(b"m")
+    assert await first == b"m"
+    inbox.put(b"n")
+    assert await inbox.get() == b"n"  # that one has finished waiting: the next wait is fine
+
+
+async def test_a_wait_driven_by_hand_parks_then_returns_the_message() -> None:
+    """The iterator protocol without a task: the first step parks (yields the awaitable, as a Future
+    does), a later one returns the message that came meanwhile."""
+    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=16, max_bytes=0)
+    step = inbox.get().__await__()
+    parked = step.send(None)
+    assert parked._asyncio_future_blocking and not parked.done()
+    assert not asyncio.isfuture(parked)  # a class that looked like a Future would fool ensure_future()
+    inbox.put("late")
+    with pytest.raises(StopIteration) as stopped:
+        step.send(None)
+    assert stopped.value.value == "late"
+    step = inbox.get().__await__()
+    step.send(None)
+    with pytest.raises(KeyError):
+        step.throw(KeyError("thrown in"))
+    assert not inbox.waiting
+
+
 async def test_a_queued_message_comes_back_in_an_awaitable_that_is_already_done() -> None:
     """recv() / async for on a non-empty inbox return a finished awaitable (no coroutine, no
     future): every way of awaiting it gets the message, once."""

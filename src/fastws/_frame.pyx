@@ -17,6 +17,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 
 import os
+from asyncio import CancelledError, current_task
+from asyncio import tasks as _asyncio_tasks
 
 from fastws.errors import ConnectionClosed, PayloadTooBig, ProtocolError
 
@@ -35,8 +37,17 @@ cdef extern from "_sock.h" nogil:
 cdef extern from "_ready.h":
     int fastws_ready_init() except -1
     object fastws_ready_value(object value)  # an awaitable that is done, with this value
+    ctypedef object (*fastws_poll_fn)(object owner, int iterating)
+    int fastws_waiting_init(object cancelled_error) except -1
+    object fastws_waiting_new(object owner, object loop, fastws_poll_fn poll, object not_ready)
+    void fastws_waiting_set_mode(object waiting, int iterating)
+    int fastws_waiting_wake(object waiting)
+    int fastws_waiting_busy(object waiting)
+    int fastws_waiting_schedule(object waiting) except -1
+    int fastws_waiting_run(object waiting) except -1
 
 fastws_ready_init()
+fastws_waiting_init(CancelledError)
 
 cdef extern from "pythread.h":
     unsigned long PyThread_get_thread_ident()
@@ -514,6 +525,21 @@ cdef class _Ready:
 READY = _Ready()
 
 
+cdef object NOT_READY = object()  # Inbox._poll: nothing queued yet
+# loop -> its running task: asyncio's own table (3.10-3.13), read without a call; else current_task()
+cdef object _running_tasks = getattr(_asyncio_tasks, "_current_tasks", None)
+
+
+cdef inline bint _task_running(object loop) except -1:
+    if type(_running_tasks) is dict:
+        return loop in <dict>_running_tasks
+    return current_task(loop) is not None
+
+
+cdef object _inbox_poll(object inbox, int iterating):
+    return (<Inbox>inbox)._poll(iterating)
+
+
 cdef class Inbox:
     """Messages received but not yet taken by ``recv()`` (handler coroutines, async endpoints, the client).
 
@@ -521,8 +547,9 @@ cdef class Inbox:
     the shell to stop reading (TCP then pushes back on the peer); once the
     consumer has taken half of it, ``flow(True)`` to read again.  ``end(exc)``
     marks the end of the stream: ``get()`` returns what was queued, then raises
-    it.  ``get()`` is a C coroutine that returns at once when a message is
-    queued (no future, no suspension); one consumer at a time.
+    it.  ``get()`` returns an awaitable that is already done when a message is
+    queued, else the inbox's one reusable waiting awaitable (no future, no
+    coroutine per wait); one consumer at a time.
     """
 
     cdef list _items
@@ -530,11 +557,12 @@ cdef class Inbox:
     cdef Py_ssize_t _bytes
     cdef Py_ssize_t _max_messages
     cdef Py_ssize_t _max_bytes
-    cdef object _waiter
+    cdef object _waiting            # fastws_Waiting, made at the first wait
     cdef object _loop
     cdef object _flow
     cdef object _end
     cdef unsigned char _paused
+    cdef bint _due                  # a consumer was woken by _put(defer=True): the owner resumes it
 
     def __init__(self, loop, flow, *, Py_ssize_t max_messages, Py_ssize_t max_bytes):
         self._items = []
@@ -556,28 +584,42 @@ cdef class Inbox:
 
     @property
     def waiting(self):
-        """A consumer is blocked in get()."""
-        return self._waiter is not None
+        """A consumer is blocked in get() (or woken and not yet resumed)."""
+        return self._waiting is not None and fastws_waiting_busy(self._waiting)
 
     cdef inline bint _is_full(self):
         return (len(self._items) - self._head >= self._max_messages
                 or (self._max_bytes > 0 and self._bytes >= self._max_bytes))
 
-    cdef bint _put(self, object message) except -1:
-        """Queue ``message``; True if a waiting consumer was woken."""
-        cdef object waiter
+    cdef bint _put(self, object message, bint defer) except -1:
+        """Queue ``message``; True if a waiting consumer was woken.  With ``defer`` the caller
+        resumes it (``_resume_consumer``) once it has queued the rest of its read; otherwise
+        the loop does, a turn later."""
         self._items.append(message)
         self._bytes += len(message)
         if not self._paused and self._is_full():
             self._paused = True
             self._flow(False)
-        waiter = self._waiter
-        if waiter is None:
+        if self._waiting is None or not fastws_waiting_wake(self._waiting):
             return False
-        self._waiter = None
-        if not waiter.done():
-            waiter.set_result(None)
+        if defer:
+            self._due = True
+        else:
+            fastws_waiting_schedule(self._waiting)
         return True
+
+    cdef bint _resume_consumer(self) except -1:
+        """Step the consumer that _put(defer=True) woke, here and now (its replies join the
+        caller's write); through the loop if a task is running (one task cannot step another).
+        True when it was left to the loop."""
+        if not self._due:
+            return False
+        self._due = False
+        if _task_running(self._loop):
+            fastws_waiting_schedule(self._waiting)
+            return True
+        fastws_waiting_run(self._waiting)
+        return False
 
     cdef object _pop(self):
         """The next message (the caller checked that one is queued)."""
@@ -594,8 +636,18 @@ cdef class Inbox:
             self._flow(True)
         return message
 
+    cdef object _poll(self, int iterating):
+        """What resuming a wait gives: the next message, the end of the stream (raised), or NOT_READY."""
+        if self._head < len(self._items):
+            return self._pop()
+        if self._end is not None:
+            if iterating and isinstance(self._end, ConnectionClosed) and self._end.code in (1000, 1001, 1005):
+                raise StopAsyncIteration
+            raise self._end
+        return NOT_READY
+
     def put(self, message):
-        self._put(message)
+        self._put(message, False)
 
     def get_nowait(self):
         """The next message; IndexError when none is queued."""
@@ -608,44 +660,27 @@ cdef class Inbox:
         (An awaitable; a queued message comes back in one that is already done.)"""
         return self._next(False)
 
-    cdef object _next(self, bint iterating):
-        if self._head < len(self._items):
-            return fastws_ready_value(self._pop())
-        return self._anext() if iterating else self._get()
-
-    async def _get(self):
-        while True:
-            if self._head < len(self._items):
-                return self._pop()
-            if self._end is not None:
-                raise self._end
-            if self._waiter is None:
-                self._waiter = self._loop.create_future()
-            await self._waiter
-
     def anext(self):
         """get() for ``async for``: a normal close (1000, 1001, 1005) ends the iteration quietly."""
         return self._next(True)
 
-    async def _anext(self):
-        while True:
-            if self._head < len(self._items):
-                return self._pop()
-            if self._end is not None:
-                if isinstance(self._end, ConnectionClosed) and self._end.code in (1000, 1001, 1005):
-                    raise StopAsyncIteration
-                raise self._end
-            if self._waiter is None:
-                self._waiter = self._loop.create_future()
-            await self._waiter
+    cdef object _next(self, bint iterating):
+        if self._head < len(self._items):
+            return fastws_ready_value(self._pop())
+        if self._waiting is None:
+            self._waiting = fastws_waiting_new(self, self._loop, _inbox_poll, NOT_READY)
+        elif fastws_waiting_busy(self._waiting):
+            raise RuntimeError("another coroutine is already waiting for the next message on this connection")
+        fastws_waiting_set_mode(self._waiting, iterating)
+        return self._waiting
 
     def end(self, exc):
         """No more messages will come; waiters wake to drain the queue, then get ``exc``."""
         if self._end is None:
             self._end = exc
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiting is not None and (fastws_waiting_wake(self._waiting) or self._due):
+            self._due = False
+            fastws_waiting_schedule(self._waiting)
 
     def clear(self):
         """Drop what is queued (the connection died: nobody will answer these)."""
@@ -910,6 +945,10 @@ cdef class _Wire:
         """The writer corked while a read is parsed (replies leave in one write after it)."""
         return self
 
+    cdef int _read_done(self) except -1:
+        """A read's messages are all delivered; its replies have not been written yet."""
+        return 0
+
     cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
         return 0  # the read itself was the sign of life
 
@@ -1061,6 +1100,7 @@ cdef class _Wire:
                 self._count_received(OPC_BINARY, PyBytes_GET_SIZE(message))
                 self._deliver_message(message)  # the very object the payload was read into: no copy
         finally:
+            self._read_done()
             if writer is not None:
                 writer._uncork()
         return 0
@@ -1100,6 +1140,7 @@ cdef class _Wire:
             self._keep_tail(data, n, self._consumed, from_scratch)
             raise
         finally:
+            self._read_done()
             if writer is not None:
                 writer._uncork()
         if self._closed:
@@ -1687,11 +1728,21 @@ cdef class SessionCore(_Wire):
         self._last_message = _clock
         if self._inbox is None:
             self._make_inbox()
-        woke = self._inbox._put(message)
+        self._inbox._put(message, True)  # a consumer waiting for it runs at the end of the read
         if self._async_messages and self._task is None:
             self._start_queue()  # a task to hand the queue to the async on_message
-            woke = True
-        if woke and self._cork_depth < 2:
+            self._uncork_next_turn()
+        return 0
+
+    cdef int _read_done(self) except -1:
+        """The consumer woken by this read's messages takes them now, inside the read's cork: its
+        replies leave in one write with the read's own."""
+        if self._inbox is not None and self._inbox._resume_consumer():
+            self._uncork_next_turn()  # it runs next turn instead
+        return 0
+
+    cdef int _uncork_next_turn(self) except -1:
+        if self._cork_depth < 2:
             # a task runs next to answer: its replies of that loop turn leave in one write with ours
             self._cork()
             self._server.loop.call_soon(self._uncork_later)

@@ -112,7 +112,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             self._attach(transport)
             self._deliver_to_inbox()
             server.session_opened(self)
-            self._task = server.spawn(self._run_handler(route.target))
+            self._start_handler(route.target)
             self._feed_bytes(initial)
             return
         try:
@@ -418,16 +418,23 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             return
         await self._run_queue()
 
-    async def _run_handler(self, handler: Callable[[Session], Any]) -> None:
+    def _start_handler(self, handler: Callable[[Session], Any]) -> None:
+        """The handler coroutine runs as the connection's task itself (no wrapper coroutine is
+        parked with it); _handler_done sees how it ended."""
         try:
-            await handler(self)
-        except ConnectionClosed:
-            pass
-        except Exception as exc:
+            self._task = self._server.spawn(handler(self), self._handler_done)
+        except Exception as exc:  # not a coroutine after all
             self._user_error(exc, "the handler")
-        else:
+
+    def _handler_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
             if self._state == OPEN:
                 self.close(CloseCode.NORMAL)
+        elif isinstance(exc, Exception):
+            self._user_error(exc, "the handler")  # (ConnectionClosed, sending after the close: ignored)
 
     def _user_error(self, exc: BaseException, where: str) -> None:
         """Application code raised: log it, tell on_error, close with 1011 (never re-raise into the loop)."""

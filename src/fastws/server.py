@@ -41,7 +41,9 @@ class Server:
         self.keepalive = Keepalive(self.loop, self.config, self.stats)
         self._servers: list[asyncio.AbstractServer] = []
         self._http: set[HttpProtocol] = set()  # connections still in the HTTP phase
-        self._tasks: set[asyncio.Task[Any]] = set()  # application code we started: referenced until done
+        # application code we started, referenced until done -> what to call when it is
+        self._tasks: dict[asyncio.Task[Any], Callable[[asyncio.Task[Any]], Any] | None] = {}
+        self._task_done_callback = self._task_done  # one bound method for every task
         self._next_id = 0
         self._started = False
         self._stopping = False
@@ -191,12 +193,19 @@ class Server:
         if not self.hub.sessions:
             self._all_gone.set()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any] | Any) -> asyncio.Task[Any]:
-        """Run application code as a task the server keeps a reference to (and cancels at shutdown)."""
+    def spawn(self, coro: Coroutine[Any, Any, Any] | Any,
+              done: Callable[[asyncio.Task[Any]], Any] | None = None) -> asyncio.Task[Any]:
+        """Run application code as a task the server keeps a reference to (and cancels at shutdown);
+        ``done(task)`` is called when it ends."""
         task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = done
+        task.add_done_callback(self._task_done_callback)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        done = self._tasks.pop(task, None)
+        if done is not None:
+            done(task)
 
     def handler_error(self, session: Session, exc: BaseException, where: str) -> None:
         """User code raised: count it and log it once, with the traceback."""
