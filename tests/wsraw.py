@@ -248,7 +248,10 @@ class RawWS:
         except ConnectionError as exc:
             raise Closed(f"TCP reset: {exc}") from None
 
-    async def recv_frame(self, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+    async def recv_frame(self, timeout: float | None = DEFAULT_TIMEOUT) -> Frame:
+        """The next frame; ``timeout=None``: no timer of its own (the caller bounds the wait)."""
+        if timeout is None:
+            return await self._recv_frame()
         return await asyncio.wait_for(self._recv_frame(), timeout)
 
     async def _recv_frame(self) -> Frame:
@@ -266,13 +269,13 @@ class RawWS:
         payload = await self._read(n) if n else b""
         return Frame(bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0x0F, payload, hlen)
 
-    async def recv_message(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, bytes]:
+    async def recv_message(self, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[int, bytes]:
         """Reassemble the next data message (control frames are returned to ``self.controls``)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = None if timeout is None else loop.time() + timeout
         opcode, parts = 0, []
         while True:
-            frame = await self.recv_frame(max(0.01, deadline - loop.time()))
+            frame = await self.recv_frame(None if deadline is None else max(0.01, deadline - loop.time()))
             if frame.opcode & 8:
                 if frame.opcode == OP_CLOSE:
                     raise AssertionError(f"close frame instead of a message: {frame.close}")
