@@ -275,15 +275,17 @@ static int fastws_waiting_schedule(PyObject *self) {
  * made sure that no task is running.  0, or -1 with the exception that escaped the step. */
 static int fastws_waiting_run(PyObject *self) {
     fastws_Waiting *w = (fastws_Waiting *)self;
-    PyObject *callback = w->callback, *context = w->context, *r = NULL;
+    PyObject *callback = w->callback, *context = w->context, *r;
     if (callback == NULL)
         return 0;
-    w->callback = w->context = NULL;
-    if (PyContext_Enter(context) == 0) {
-        r = PyObject_CallOneArg(callback, self);
-        if (PyContext_Exit(context) < 0)
-            Py_CLEAR(r);
+    if (PyContext_Enter(context) < 0) { /* that context is running already: let the loop do it */
+        PyErr_Clear();
+        return fastws_waiting_schedule(self);
     }
+    w->callback = w->context = NULL;
+    r = PyObject_CallOneArg(callback, self);
+    if (PyContext_Exit(context) < 0)
+        Py_CLEAR(r);
     Py_DECREF(callback);
     Py_DECREF(context);
     if (r == NULL)
