@@ -57,13 +57,15 @@ class Config:
     metrics_dir: str | None = None  # with workers: where they find each other for a scrape (set by run())
     drain_timeout: float = 10.0  # graceful shutdown: seconds for clients to answer the 1001
     transport: str = "uvloop"  # "uvloop": the loop's own transports; "aiofastnet": aiofastnet's (Cython)
+    malloc_trim_threshold: int = 16 * MiB  # fastws serve / run(): free heap glibc keeps for big messages; 0: its own
     deflate: DeflateOptions = field(init=False)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
         for name in ("max_message_size", "max_connections", "max_pending_handshakes", "max_frames_per_read",
-                     "max_send_buffer", "send_budget", "max_queue_bytes", "max_connections_per_ip"):
+                     "max_send_buffer", "send_budget", "max_queue_bytes", "max_connections_per_ip",
+                     "malloc_trim_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout", "keepalive_timeout"):

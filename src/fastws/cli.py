@@ -62,6 +62,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
     p.add_argument("--compression-context-takeover", action="store_true",
                    help="keep each connection's compression context (better ratio, ~64 KiB per connection)")
+    p.add_argument("--malloc-trim-threshold", type=int, default=defaults.malloc_trim_threshold, metavar="BYTES",
+                   help="free heap glibc may keep for big messages instead of returning it at once; 0: glibc's own")
     p.add_argument("--transport", default=defaults.transport, choices=["uvloop", "aiofastnet"],
                    help="socket transports under the uvloop loop")
     p.add_argument("--redis", metavar="URL", help="fan rooms/broadcast out to other nodes via Redis pub/sub")
@@ -132,6 +134,7 @@ def make_config(args: argparse.Namespace) -> Config:
         max_connections_per_ip=args.max_connections_per_ip,
         keepalive_timeout=args.keepalive_timeout,
         transport=args.transport,
+        malloc_trim_threshold=args.malloc_trim_threshold,
         access_log=args.access_log,
         metrics=args.metrics,
     )

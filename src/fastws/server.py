@@ -405,6 +405,7 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1
 def run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool,
             ssl: ssl.SSLContext | None = None) -> None:
     """One server process: serve until signalled, then end every task before closing the loop."""
+    keep_heap(config.malloc_trim_threshold if config is not None else Config().malloc_trim_threshold)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -418,6 +419,32 @@ def run_one(app: App, host: str, port: int, config: Config | None, reuse_port: b
             loop.close()
             if sys.stdout:
                 sys.stdout.flush()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit
+
+
+def keep_heap(trim_threshold: int) -> bool:
+    """Let glibc keep up to ``trim_threshold`` bytes of free heap instead of returning it at once.
+
+    Its dynamic default trims the heap top past twice the biggest recent large allocation: a
+    connection that echoes 1 MiB messages and still holds the last one (``async for message in
+    ws``) then gets fresh, page-faulting memory for every message (measured: 0.78x the throughput
+    of a sync on_message, 0.94x with this).  Allocations up to a quarter of it come from the heap.
+    For the server process only (fastws serve, run()); 0, or a libc without mallopt: no change.
+    """
+    if trim_threshold <= 0 or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    big = min(trim_threshold // 4, MMAP_THRESHOLD_MAX)
+    return bool(mallopt(M_MMAP_THRESHOLD, big)) and bool(mallopt(M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)))
 
 
 def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
