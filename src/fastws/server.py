@@ -430,8 +430,8 @@ def keep_heap(trim_threshold: int) -> bool:
 
     Its dynamic default trims the heap top past twice the biggest recent large allocation: a
     connection that echoes 1 MiB messages and still holds the last one (``async for message in
-    ws``) then gets fresh, page-faulting memory for every message (measured: 0.78x the throughput
-    of a sync on_message, 0.94x with this).  Allocations up to a quarter of it come from the heap.
+    ws``) then gets fresh, page-faulting memory for every message (measured: 0.80x the throughput
+    of a sync on_message, 0.93x with this).  Allocations up to a quarter of it come from the heap.
     For the server process only (fastws serve, run()); 0, or a libc without mallopt: no change.
     """
     if trim_threshold <= 0 or not sys.platform.startswith("linux"):
