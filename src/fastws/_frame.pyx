@@ -591,22 +591,22 @@ cdef class Inbox:
         return (len(self._items) - self._head >= self._max_messages
                 or (self._max_bytes > 0 and self._bytes >= self._max_bytes))
 
-    cdef bint _put(self, object message, bint defer) except -1:
-        """Queue ``message``; True if a waiting consumer was woken.  With ``defer`` the caller
-        resumes it (``_resume_consumer``) once it has queued the rest of its read; otherwise
-        the loop does, a turn later."""
+    cdef int _put(self, object message, bint defer) except -1:
+        """Queue ``message`` and wake a waiting consumer.  With ``defer`` the caller resumes it
+        (``_resume_consumer``) once it has queued the rest of its read; otherwise the loop does,
+        a turn later."""
         self._items.append(message)
         self._bytes += len(message)
         if not self._paused and self._is_full():
             self._paused = True
             self._flow(False)
         if self._waiting is None or not fastws_waiting_wake(self._waiting):
-            return False
+            return 0
         if defer:
             self._due = True
         else:
             fastws_waiting_schedule(self._waiting)
-        return True
+        return 0
 
     cdef bint _resume_consumer(self) except -1:
         """Step the consumer that _put(defer=True) woke, here and now (its replies join the

@@ -31,18 +31,22 @@ static PySendResult fastws_ready_send(PyObject *self, PyObject *arg, PyObject **
     return PYGEN_RETURN;
 }
 
-static PyObject *fastws_ready_next(PyObject *self) {
-    fastws_ReadyValue *ready = (fastws_ReadyValue *)self;
-    PyObject *value = ready->value ? ready->value : Py_NewRef(Py_None);
-    PyObject *stop;
-    ready->value = NULL;
-    stop = PyObject_CallOneArg(PyExc_StopIteration, value); /* an instance: a tuple value stays whole */
+/* Raise StopIteration(value) -- an instance, so that a tuple value stays whole; steals ``value``. */
+static PyObject *fastws_stop_iteration(PyObject *value) {
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, value);
     Py_DECREF(value);
     if (stop != NULL) {
         PyErr_SetObject(PyExc_StopIteration, stop);
         Py_DECREF(stop);
     }
     return NULL;
+}
+
+static PyObject *fastws_ready_next(PyObject *self) {
+    fastws_ReadyValue *ready = (fastws_ReadyValue *)self;
+    PyObject *value = ready->value ? ready->value : Py_NewRef(Py_None);
+    ready->value = NULL;
+    return fastws_stop_iteration(value);
 }
 
 /* The generator-style methods, for code that drives awaitables by hand: send(x) is next(); an
@@ -219,18 +223,12 @@ static PySendResult fastws_waiting_send(PyObject *self, PyObject *arg, PyObject 
 }
 
 static PyObject *fastws_waiting_next(PyObject *self) {
-    PyObject *result, *stop;
+    PyObject *result;
     switch (fastws_waiting_send(self, Py_None, &result)) {
     case PYGEN_NEXT:
         return result;
     case PYGEN_RETURN:
-        stop = PyObject_CallOneArg(PyExc_StopIteration, result);
-        Py_DECREF(result);
-        if (stop != NULL) {
-            PyErr_SetObject(PyExc_StopIteration, stop);
-            Py_DECREF(stop);
-        }
-        return NULL;
+        return fastws_stop_iteration(result);
     default:
         return NULL;
     }

@@ -405,7 +405,7 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1
 def run_one(app: App, host: str, port: int, config: Config | None, reuse_port: bool,
             ssl: ssl.SSLContext | None = None) -> None:
     """One server process: serve until signalled, then end every task before closing the loop."""
-    keep_heap(config.malloc_trim_threshold if config is not None else Config().malloc_trim_threshold)
+    keep_heap((config or Config()).malloc_trim_threshold)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
