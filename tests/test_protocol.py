@@ -264,6 +264,33 @@ async def test_a_wait_driven_by_hand_parks_then_returns_the_message() -> None:
     assert not inbox.waiting
 
 
+@pytest.mark.parametrize("task_class", ["c", "python"])
+async def test_a_wait_wakes_and_cancels_under_either_task_implementation(task_class: str) -> None:
+    """A woken task is handed a finished Future (the C Task's fast path), a cancelled one the
+    wait itself: both of asyncio's Task classes must get the message, or the CancelledError."""
+    loop = asyncio.get_running_loop()
+    task_type = asyncio.tasks._CTask if task_class == "c" else asyncio.tasks._PyTask
+    inbox = Inbox(loop, lambda more: None, max_messages=16, max_bytes=0)
+
+    async def consume(count: int) -> list:
+        return [await inbox.get() for _ in range(count)]
+
+    consumer = task_type(consume(3), loop=loop)
+    for message in ("a", b"b", "c"):
+        await asyncio.sleep(0)  # the consumer parks before each message comes
+        assert inbox.waiting
+        inbox.put(message)
+    assert await consumer == ["a", b"b", "c"]
+    parked = task_type(consume(1), loop=loop)
+    await asyncio.sleep(0)
+    parked.cancel("going away")
+    with pytest.raises(asyncio.CancelledError):
+        await parked
+    assert not inbox.waiting
+    inbox.put("after")  # nothing lost: the next wait gets it
+    assert await task_type(consume(1), loop=loop) == ["after"]
+
+
 async def test_a_queued_message_comes_back_in_an_awaitable_that_is_already_done() -> None:
     """recv() / async for on a non-empty inbox return a finished awaitable (no coroutine, no
     future): every way of awaiting it gets the message, once."""
