@@ -43,6 +43,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from benchutil import cpu_model  # bench/benchutil.py
+
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / "servers"
 RESULTS_MD = HERE / "RESULTS.md"
@@ -240,14 +242,6 @@ def versions() -> str:
         with contextlib.suppress(PackageNotFoundError):
             found.append(f"{pkg} {version(pkg)}")
     return ", ".join(found)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or "?"
 
 
 def section_title(app: str) -> str:

@@ -31,6 +31,8 @@ from pathlib import Path
 import websockets
 from websockets.asyncio.client import connect
 
+from benchutil import cpu_model  # bench/benchutil.py
+
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / "servers"
 
@@ -131,7 +133,7 @@ def main() -> None:
         print(f"{r['server']:17} {r['server_cpu_us_per_message']:>10} {r['wire_bytes_per_message']:>10} "
               f"{r['ratio']:>6} {r['msgs_per_s']:>9,}  {notes[r['server']]}")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
               "python": platform.python_version(), "websockets": websockets.__version__,
               "command": " ".join(["python", *sys.argv]), "message_bytes": sum(map(len, messages)) / len(messages),
               "rows": rows}
