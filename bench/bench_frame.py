@@ -21,6 +21,13 @@ Groups (each compares implementations side by side on the same input):
         layer, so it does slightly less work here); wsproto FrameProtocol. extra_info: frames/s.
     accept_key
         fastws.accept_key vs base64(hashlib.sha1(key + GUID)). extra_info: keys/s.
+    deflate-400B-json / inflate-400B-json
+        permessage-deflate of 200 ~400-byte JSON quotes (bench/compression.py's messages), one
+        message at a time: fastws's shared stream reset per message (the no-context-takeover default)
+        and its own stream with context takeover (12-bit window, memLevel 5), against Python's zlib
+        objects used the two ways peers use them -- a fresh stream per message (no context takeover)
+        and one kept stream (context takeover, python-websockets' settings) -- and python-websockets'
+        own PerMessageDeflate.  extra_info: µs/message and the compression ratio.
 
 The figures are from one run on a shared 2-core machine: expect noise of +-10-20 %; compare within a
 group from the same run only. Record machine and versions next to any figure you publish.
@@ -224,6 +231,109 @@ def test_accept_key(benchmark, impl):
     benchmark.group = "accept_key"
     benchmark(fn, WS_KEY)
     _set_rate(benchmark, "keys/s", 1, 1, 0)
+
+
+# --------------------------------------------------------------------------- permessage-deflate
+
+try:
+    from compression import quote  # bench/compression.py: the messages its server benchmark sends
+except ImportError:  # pragma: no cover - websockets missing
+    quote = None
+
+QUOTES = []
+if quote is not None:
+    import random
+
+    _rng = random.Random(7692)
+    QUOTES = [quote(_rng, i).encode() for i in range(200)]
+TAIL = b"\x00\x00\xff\xff"
+
+
+def _zlib_fresh(message: bytes) -> bytes:
+    import zlib
+
+    stream = zlib.compressobj(6, zlib.DEFLATED, -15, 8)
+    return (stream.compress(message) + stream.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def _deflaters():
+    import zlib
+
+    from fastws import _zlib
+
+    kept = zlib.compressobj(6, zlib.DEFLATED, -12, 5)
+    impls = {
+        "fastws-shared": _zlib.shared_deflater(6, 15, 8),
+        "fastws-takeover": _zlib.Deflater(6, 12, 5, True),
+        "zlib-fresh-per-message": _zlib_fresh,
+        "zlib-kept": lambda m: (kept.compress(m) + kept.flush(zlib.Z_SYNC_FLUSH))[:-4],
+    }
+    try:
+        from websockets.extensions.permessage_deflate import PerMessageDeflate
+        from websockets.frames import Frame, Opcode
+
+        ext = PerMessageDeflate(False, False, 12, 12, {"memLevel": 5})
+        impls["websockets"] = lambda m: ext.encode(Frame(Opcode.TEXT, m)).data
+    except ImportError:  # pragma: no cover
+        pass
+    return impls
+
+
+@pytest.mark.skipif(not QUOTES, reason="needs websockets (bench/compression.py)")
+@pytest.mark.parametrize("impl", ["fastws-shared", "fastws-takeover", "zlib-fresh-per-message", "zlib-kept",
+                                  "websockets"])
+def test_deflate(benchmark, impl):
+    deflate = _deflaters().get(impl)
+    if deflate is None:  # pragma: no cover
+        pytest.skip(f"{impl} is not installed")
+    compressed = sum(len(deflate(m)) for m in QUOTES)  # also the warm-up (and the window, with takeover)
+    benchmark.group = "deflate-400B-json"
+    benchmark.extra_info["ratio"] = round(sum(map(len, QUOTES)) / compressed, 2)
+    benchmark(lambda: [deflate(m) for m in QUOTES])
+    mean = _mean(benchmark)
+    if mean:
+        benchmark.extra_info["µs/message"] = round(mean / len(QUOTES) * 1e6, 2)
+
+
+def _inflaters():
+    import zlib
+
+    from fastws import _zlib
+
+    fresh = [_zlib_fresh(m) for m in QUOTES]  # what a client without context takeover sends
+    ws = _deflaters()["zlib-kept"]
+    kept_data = [ws(m) for m in QUOTES]  # one stream: each message refers back to the ones before
+
+    def zlib_fresh(data: bytes) -> bytes:
+        return zlib.decompressobj(-15).decompress(data + TAIL)
+
+    def zlib_kept_run() -> list[bytes]:
+        stream = zlib.decompressobj(-12)  # the messages only decode in order, from the first
+        return [stream.decompress(d + TAIL) for d in kept_data]
+
+    def fastws_kept_run() -> list[bytes]:
+        inflate = _zlib.Inflater(12, 1 << 20, True)
+        return [inflate(d) for d in kept_data]
+
+    shared = _zlib.shared_inflater(15, 1 << 20)
+    return {
+        "fastws-shared": lambda: [shared(d) for d in fresh],
+        "fastws-takeover": fastws_kept_run,
+        "zlib-fresh-per-message": lambda: [zlib_fresh(d) for d in fresh],
+        "zlib-kept": zlib_kept_run,
+    }
+
+
+@pytest.mark.skipif(not QUOTES, reason="needs websockets (bench/compression.py)")
+@pytest.mark.parametrize("impl", ["fastws-shared", "fastws-takeover", "zlib-fresh-per-message", "zlib-kept"])
+def test_inflate(benchmark, impl):
+    run = _inflaters()[impl]
+    assert run() == QUOTES
+    benchmark.group = "inflate-400B-json"
+    benchmark(run)
+    mean = _mean(benchmark)
+    if mean:
+        benchmark.extra_info["µs/message"] = round(mean / len(QUOTES) * 1e6, 2)
 
 
 if __name__ == "__main__":
