@@ -41,6 +41,19 @@ def rss(pid: int) -> int:
     return 0
 
 
+def wait_listening(port: int, server: subprocess.Popen, seconds: float) -> None:
+    """Return once something accepts on 127.0.0.1:port; RuntimeError if ``server`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"the server on port {port} did not start") from None
+            time.sleep(0.05)
+
+
 def callgrind_instructions(serve_args: list[str], drive: Callable[[int], None]) -> int:
     """Run `fastws serve` under callgrind, call ``drive(port)`` once it listens, stop it; returns the
     instructions the server executed in all (its start-up included: callers subtract two runs)."""
@@ -50,15 +63,7 @@ def callgrind_instructions(serve_args: list[str], drive: Callable[[int], None]) 
                                "-m", "fastws", "serve", "--port", str(port), *serve_args],
                               stderr=subprocess.DEVNULL)  # the access log goes there too
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.2)
+        wait_listening(port, server, 120)
         drive(port)
     finally:
         server.send_signal(signal.SIGTERM)

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchutil import cpu_model, free_port  # bench/benchutil.py
+from benchutil import cpu_model, free_port, wait_listening  # bench/benchutil.py
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -38,15 +36,7 @@ def one_round(style: str, tree: str, args: argparse.Namespace) -> int:
                                "--port", str(port), "--style", style],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit(f"styles_ab: the {style} server ({tree}) did not start") from None
-                time.sleep(0.05)
+        wait_listening(port, server, 10)
         out = subprocess.run(["taskset", "-c", "1", sys.executable, "-m", "fastws", "bench", "throughput",
                               f"ws://127.0.0.1:{port}/echo", "-s", args.size, "-c", str(args.connections),
                               "-i", str(args.inflight), "-d", str(args.duration), "-w", "0.5"],
