@@ -256,6 +256,12 @@ def _zlib_fresh(message: bytes) -> bytes:
     return (stream.compress(message) + stream.flush(zlib.Z_SYNC_FLUSH))[:-4]
 
 
+def _set_us_per_message(benchmark, messages: int) -> None:
+    mean = _mean(benchmark)
+    if mean:
+        benchmark.extra_info["µs/message"] = round(mean / messages * 1e6, 2)
+
+
 def _deflaters():
     import zlib
 
@@ -290,9 +296,7 @@ def test_deflate(benchmark, impl):
     benchmark.group = "deflate-400B-json"
     benchmark.extra_info["ratio"] = round(sum(map(len, QUOTES)) / compressed, 2)
     benchmark(lambda: [deflate(m) for m in QUOTES])
-    mean = _mean(benchmark)
-    if mean:
-        benchmark.extra_info["µs/message"] = round(mean / len(QUOTES) * 1e6, 2)
+    _set_us_per_message(benchmark, len(QUOTES))
 
 
 def _inflaters():
@@ -301,8 +305,8 @@ def _inflaters():
     from fastws import _zlib
 
     fresh = [_zlib_fresh(m) for m in QUOTES]  # what a client without context takeover sends
-    ws = _deflaters()["zlib-kept"]
-    kept_data = [ws(m) for m in QUOTES]  # one stream: each message refers back to the ones before
+    kept = _deflaters()["zlib-kept"]
+    kept_data = [kept(m) for m in QUOTES]  # one stream: each message refers back to the ones before
 
     def zlib_fresh(data: bytes) -> bytes:
         return zlib.decompressobj(-15).decompress(data + TAIL)
@@ -331,9 +335,7 @@ def test_inflate(benchmark, impl):
     assert run() == QUOTES
     benchmark.group = "inflate-400B-json"
     benchmark(run)
-    mean = _mean(benchmark)
-    if mean:
-        benchmark.extra_info["µs/message"] = round(mean / len(QUOTES) * 1e6, 2)
+    _set_us_per_message(benchmark, len(QUOTES))
 
 
 if __name__ == "__main__":

@@ -69,19 +69,19 @@ async def measure(style: str, n: int, top: int) -> None:
     (_, port), *_ = await server.listen("127.0.0.1", 0)
 
     async def hold(count: int) -> asyncio.subprocess.Process:
+        expected = server.session_count + count
         client = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, str(port), str(count),
                                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert client.stdout is not None
         if await client.stdout.readline() != b"held\n":
             raise SystemExit("idle_alloc: the client could not open its connections")
-        await settle(server, server.session_count)
+        await settle(server, expected)
         return client
 
     warm = await hold(50)  # the first connections also fill caches and free lists
     tracemalloc.start(1)
     before = tracemalloc.take_snapshot()
     client = await hold(n)
-    await settle(server, 50 + n)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
