@@ -140,6 +140,7 @@ typedef struct {
     PyObject *callback;   /* the task's wake-up, while a task waits */
     PyObject *context;
     PyObject *cancel_msg;
+    vectorcallfunc vectorcall; /* fastws_waiting_call */
     fastws_poll_fn poll;
     int iterating;        /* poll's mode: ``async for`` (a clean close ends it) or recv() */
     int state;
@@ -330,23 +331,37 @@ static int fastws_waiting_busy(PyObject *self) { return ((fastws_Waiting *)self)
 
 /* -- the Future interface asyncio's Task uses --------------------------------------------------- */
 
-static PyObject *fastws_waiting_get_loop(PyObject *self, PyObject *unused) {
-    (void)unused;
-    return Py_NewRef(((fastws_Waiting *)self)->loop);
+/* Interned names the Task uses; attribute lookups compare the pointer first, then the text. */
+static PyObject *fastws_blocking_name, *fastws_get_loop_name, *fastws_add_done_callback_name, *fastws_context_name;
+
+static int fastws_is_name(PyObject *name, PyObject *interned) {
+    if (name == interned)
+        return 1;
+    if (!PyUnicode_Check(name) || PyUnicode_GET_LENGTH(name) != PyUnicode_GET_LENGTH(interned))
+        return 0;
+    if (PyUnicode_IS_COMPACT_ASCII(name)) /* the usual case: a memcmp, not PyUnicode_Compare */
+        return memcmp(PyUnicode_DATA(name), PyUnicode_DATA(interned), (size_t)PyUnicode_GET_LENGTH(name)) == 0;
+    return PyUnicode_Compare(name, interned) == 0;
 }
 
-static PyObject *fastws_waiting_add_done_callback(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
-                                                  PyObject *kwnames) {
+/* Both calls of the Future protocol that asyncio's Task makes on every wait, get_loop() and
+ * add_done_callback(fn, context=...), are calls of the object itself: ``w.get_loop`` and
+ * ``w.add_done_callback`` are ``w`` (fastws_waiting_getattro), so that parking allocates no bound
+ * method (two per wait otherwise, about 600 instructions per message).  The call tells them apart
+ * by its arguments: none is get_loop(), one is add_done_callback(). */
+static PyObject *fastws_waiting_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     fastws_Waiting *w = (fastws_Waiting *)self;
     PyObject *context = NULL;
-    Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    Py_ssize_t i, nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs == 0 && nkw == 0)
+        return Py_NewRef(w->loop); /* get_loop() */
     if (nargs != 1) {
         PyErr_SetString(PyExc_TypeError, "add_done_callback(fn, *, context=None)");
         return NULL;
     }
     for (i = 0; i < nkw; i++) {
-        if (!PyUnicode_Check(PyTuple_GET_ITEM(kwnames, i)) ||
-            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "context") != 0) {
+        /* (asyncio's Task builds its ("context",) without interning it: compared by its text) */
+        if (!fastws_is_name(PyTuple_GET_ITEM(kwnames, i), fastws_context_name)) {
             PyErr_SetString(PyExc_TypeError, "add_done_callback(fn, *, context=None)");
             return NULL;
         }
@@ -413,24 +428,18 @@ static PyObject *fastws_waiting_result(PyObject *self, PyObject *unused) {
 
 /* _asyncio_future_blocking exists on instances only: asyncio.isfuture() looks at the class, and a
  * Future-like class would make ensure_future(ws.recv()) hand back this object itself instead of
- * running the await in a task. */
-static PyObject *fastws_blocking_name;
-
-static int fastws_is_blocking_name(PyObject *name) {
-    return name == fastws_blocking_name ||
-           (PyUnicode_Check(name) && PyUnicode_GET_LENGTH(name) == PyUnicode_GET_LENGTH(fastws_blocking_name) &&
-            PyUnicode_Compare(name, fastws_blocking_name) == 0);
-}
-
+ * running the await in a task.  get_loop and add_done_callback: see fastws_waiting_call. */
 static PyObject *fastws_waiting_getattro(PyObject *self, PyObject *name) {
-    if (fastws_is_blocking_name(name))
+    if (fastws_is_name(name, fastws_blocking_name))
         return PyBool_FromLong(((fastws_Waiting *)self)->blocking);
+    if (fastws_is_name(name, fastws_add_done_callback_name) || fastws_is_name(name, fastws_get_loop_name))
+        return Py_NewRef(self);
     return PyObject_GenericGetAttr(self, name);
 }
 
 static int fastws_waiting_setattro(PyObject *self, PyObject *name, PyObject *value) {
     int truth;
-    if (!fastws_is_blocking_name(name))
+    if (!fastws_is_name(name, fastws_blocking_name))
         return PyObject_GenericSetAttr(self, name, value);
     truth = value ? PyObject_IsTrue(value) : 0;
     if (truth < 0)
@@ -443,9 +452,6 @@ static PyMethodDef fastws_waiting_methods[] = {
     {"send", (PyCFunction)fastws_waiting_send_method, METH_O, NULL},
     {"throw", (PyCFunction)(void (*)(void))fastws_waiting_throw, METH_FASTCALL, NULL},
     {"close", (PyCFunction)fastws_waiting_close, METH_NOARGS, NULL},
-    {"get_loop", (PyCFunction)fastws_waiting_get_loop, METH_NOARGS, NULL},
-    {"add_done_callback", (PyCFunction)(void (*)(void))fastws_waiting_add_done_callback,
-     METH_FASTCALL | METH_KEYWORDS, NULL},
     {"remove_done_callback", (PyCFunction)fastws_waiting_remove_done_callback, METH_O, NULL},
     {"cancel", (PyCFunction)(void (*)(void))fastws_waiting_cancel, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"cancelled", (PyCFunction)fastws_waiting_cancelled, METH_NOARGS, NULL},
@@ -465,7 +471,7 @@ static PyTypeObject fastws_WaitingType = {
     .tp_basicsize = sizeof(fastws_Waiting),
     .tp_dealloc = fastws_waiting_dealloc,
     .tp_as_async = &fastws_waiting_async,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = "The awaitable of a wait for the next message (one per inbox, reused).",
     .tp_traverse = fastws_waiting_traverse,
     .tp_clear = fastws_waiting_clear,
@@ -474,13 +480,19 @@ static PyTypeObject fastws_WaitingType = {
     .tp_methods = fastws_waiting_methods,
     .tp_getattro = fastws_waiting_getattro,
     .tp_setattro = fastws_waiting_setattro,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(fastws_Waiting, vectorcall),
 };
 
 static int fastws_waiting_init(PyObject *cancelled_error) {
     fastws_call_soon_str = PyUnicode_InternFromString("call_soon");
     fastws_call_soon_kwnames = Py_BuildValue("(s)", "context");
     fastws_blocking_name = PyUnicode_InternFromString("_asyncio_future_blocking");
-    if (fastws_call_soon_str == NULL || fastws_call_soon_kwnames == NULL || fastws_blocking_name == NULL)
+    fastws_get_loop_name = PyUnicode_InternFromString("get_loop");
+    fastws_add_done_callback_name = PyUnicode_InternFromString("add_done_callback");
+    fastws_context_name = PyUnicode_InternFromString("context");
+    if (fastws_call_soon_str == NULL || fastws_call_soon_kwnames == NULL || fastws_blocking_name == NULL ||
+        fastws_get_loop_name == NULL || fastws_add_done_callback_name == NULL || fastws_context_name == NULL)
         return -1;
     fastws_cancelled_error = Py_NewRef(cancelled_error);
     return PyType_Ready(&fastws_WaitingType);
@@ -495,6 +507,7 @@ static PyObject *fastws_waiting_new(PyObject *owner, PyObject *loop, fastws_poll
     w->loop = Py_NewRef(loop);
     w->not_ready = Py_NewRef(not_ready);
     w->callback = w->context = w->cancel_msg = NULL;
+    w->vectorcall = fastws_waiting_call;
     w->poll = poll;
     w->iterating = 0;
     w->state = WAIT_IDLE;
