@@ -28,6 +28,9 @@ cdef extern from "Python.h":
     object PyObject_CallMethodNoArgs(object obj, object name)
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
     int PyBUF_WRITE
+    ctypedef struct PyObject
+    int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject *items) except -1
+    Py_ssize_t PY_SSIZE_T_MAX
 
 cdef extern from "_sock.h" nogil:
     long fastws_send(int fd, const void *buf, size_t n)  # non-blocking, no SIGPIPE; -1 on Windows
@@ -508,8 +511,21 @@ cdef object S_WRITELINES_NOCHECK = "writelines_nocheck"
 cdef object S_BUFFER_SIZE = "get_write_buffer_size"
 cdef tuple EMPTY_TUPLE = ()
 
-PAUSED_WRITING = 1  # SessionCore._paused bits; the Python session adds its own
-OPEN_STATE = 1  # fastws.protocol.OPEN
+cdef enum:  # C constants, so that a comparison with them costs no Python int
+    C_PAUSED_WRITING = 1  # SessionCore._paused bits; the Python session adds its own
+    C_OPEN_STATE = 1  # fastws.protocol.OPEN
+PAUSED_WRITING = C_PAUSED_WRITING
+OPEN_STATE = C_OPEN_STATE
+
+
+# One output buffer shared by the process's writers: a writer corked for a read encodes its frames
+# there and the flush copies them out into the bytes handed to the transport, so the buffer is free
+# again when the read ends.  A writer that finds it taken (another one stays corked across a loop
+# turn) uses a buffer of its own, as before.  This saves a malloc and a free per read.
+cdef char *_shared_out = NULL
+cdef Py_ssize_t _shared_out_cap = 0
+cdef void *_shared_out_owner = NULL  # the writer using it (not a reference: it gives it back first)
+cdef Py_ssize_t SHARED_OUT_KEEP = 65536  # grown past this for one read, it goes back to the allocator
 
 
 cdef object DONE = iter(EMPTY_TUPLE)  # an exhausted iterator stays exhausted: one serves every await
@@ -627,7 +643,8 @@ cdef class Inbox:
         self._items[self._head] = None
         self._head += 1
         if self._head == len(self._items):
-            self._items.clear()  # empty: the list lets go of its item array
+            # empty: the list lets go of its item array (list.clear() would be a call by name)
+            PyList_SetSlice(self._items, 0, PY_SSIZE_T_MAX, NULL)
             self._head = 0
         self._bytes -= len(message)
         if self._paused and len(self._items) - self._head <= self._max_messages // 2 and (
@@ -755,7 +772,7 @@ cdef class _Wire:
         self._msg = NULL
 
     def __dealloc__(self):
-        PyMem_Free(self._out)
+        self._release_out()
         PyMem_Free(self._buf)
         PyMem_Free(self._msg)
 
@@ -810,10 +827,21 @@ cdef class _Wire:
         if self._out != NULL and self._cork_depth == 0:
             # between reads the writer holds nothing: a connection that has exchanged
             # messages costs what an idle one does
-            PyMem_Free(self._out)
-            self._out = NULL
-            self._out_cap = 0
+            self._release_out()
         return 0
+
+    cdef void _release_out(self) noexcept:
+        global _shared_out, _shared_out_cap, _shared_out_owner
+        if _shared_out_owner == <void *>self:
+            _shared_out_owner = NULL
+            if _shared_out_cap > SHARED_OUT_KEEP:
+                PyMem_Free(_shared_out)
+                _shared_out = NULL
+                _shared_out_cap = 0
+        else:
+            PyMem_Free(self._out)
+        self._out = NULL
+        self._out_cap = 0
 
     cdef int _flush(self) except -1:
         """Everything queued goes out in one write (one writev when big payloads are among it)."""
@@ -830,8 +858,13 @@ cdef class _Wire:
         return 0
 
     cdef char *_out_reserve(self, Py_ssize_t n) except NULL:
+        global _shared_out, _shared_out_cap, _shared_out_owner
         cdef Py_ssize_t cap
         cdef char *mem
+        if self._out == NULL and _shared_out_owner == NULL:
+            _shared_out_owner = <void *>self
+            self._out = _shared_out  # NULL the first time: allocated below
+            self._out_cap = _shared_out_cap
         if self._out_len + n > self._out_cap:
             cap = max(self._out_cap * 2, self._out_len + n, 4096)
             mem = <char *>PyMem_Realloc(self._out, cap)
@@ -839,6 +872,9 @@ cdef class _Wire:
                 raise MemoryError()
             self._out = mem
             self._out_cap = cap
+            if _shared_out_owner == <void *>self:
+                _shared_out = mem
+                _shared_out_cap = cap
         return self._out + self._out_len
 
     cdef int _emit(self, int opcode, const char *data, Py_ssize_t n, bint fin, bint rsv1, object owner) except -1:
@@ -1319,7 +1355,7 @@ cdef class _Wire:
                 raise ProtocolError(1002, "continuation frame without a message to continue")
         elif self._msg_opcode != 0:
             raise ProtocolError(1002, "new data frame inside a fragmented message")
-        if bool(b1 & 0x80) != self._is_server:
+        if ((b1 & 0x80) != 0) != (self._is_server != 0):
             raise ProtocolError(1002, "client frame is not masked" if self._is_server
                                 else "server frame is masked")
         return 0
@@ -1807,7 +1843,7 @@ cdef class SessionCore(_Wire):
     @property
     def closed(self):
         """True once the connection has left OPEN (closing or closed)."""
-        return self._state != OPEN_STATE
+        return self._state != C_OPEN_STATE
 
     def get_buffer(self, Py_ssize_t sizehint=-1):
         return self._get_buffer(sizehint)
@@ -1842,9 +1878,9 @@ cdef class SessionCore(_Wire):
         that has let more than ``max_send_buffer`` bytes pile up when the next
         message comes is cut off (1008).  Raises ConnectionClosed once closing.
         """
-        if self._state != OPEN_STATE:
+        if self._state != C_OPEN_STATE:
             raise self.connection_closed_error()
-        if self._paused & PAUSED_WRITING:
+        if self._paused & C_PAUSED_WRITING:
             if self._over_send_buffer():
                 return READY
             self._send(message)
@@ -1878,9 +1914,9 @@ cdef class SessionCore(_Wire):
 
     def send_frame(self, bytes frame):
         """Write an already-encoded frame (the hub's broadcast); a closing session skips it."""
-        if self._state != OPEN_STATE:
+        if self._state != C_OPEN_STATE:
             return READY
-        if self._paused & PAUSED_WRITING:
+        if self._paused & C_PAUSED_WRITING:
             if self._over_send_buffer():
                 return READY
             self._send_raw(frame)
@@ -1920,14 +1956,14 @@ def fanout(list targets, bytes frame, exclude=None):
             others.append(member)
             continue
         core = <SessionCore>member
-        if core._state != OPEN_STATE:
+        if core._state != C_OPEN_STATE:
             continue
         if core.deflate is not None:
             if others is None:
                 others = []
             others.append(member)
             continue
-        if core._paused & PAUSED_WRITING:
+        if core._paused & C_PAUSED_WRITING:
             core.send_frame(frame)  # the slow-consumer policy decides
         else:
             core._fanout_write(frame)
@@ -2087,7 +2123,7 @@ cdef class KeepaliveWheel:
                     self.size -= 1
                     if isinstance(member, SessionCore):
                         core = <SessionCore>member
-                        closed = core._state != OPEN_STATE
+                        closed = core._state != C_OPEN_STATE
                         last_read = core._last_read
                         last_message = core._last_message
                     else:
@@ -2131,7 +2167,7 @@ cdef class KeepaliveWheel:
         cdef SessionCore core
         if isinstance(member, SessionCore):
             core = <SessionCore>member
-            if core._paused & PAUSED_WRITING:
+            if core._paused & C_PAUSED_WRITING:
                 core.send_frame(self._ping)  # the slow-consumer policy decides
             elif core._fd == FD_LATER:
                 core._send_raw(self._ping)  # through the transport: no need to ask for the socket
