@@ -1274,6 +1274,38 @@ def test_writer_buffered_and_big_corked_batches():
     assert all(type(x) is bytes for x in writes)
 
 
+def test_writers_corked_at_once_keep_their_own_output():
+    # The writers of a process share one output buffer while corked; whoever finds it taken uses its
+    # own.  Interleaved sends, a writer that grows past what the shared buffer keeps, and one that is
+    # dropped while corked must leave every writer with exactly its own frames, in order.
+    outputs = [[] for _ in range(4)]
+    writers = [FrameWriter(out.append, is_server=True) for out in outputs]
+    sent = [[] for _ in writers]
+    for round_ in range(3):
+        for w in writers:
+            w.cork()
+        for i in range(40):
+            for k, w in enumerate(writers):
+                size = 100_000 if (k == 1 and i == 7) else 10 + 37 * k + i  # writer 1: past the kept size once
+                payload = bytes([65 + k]) * size
+                w.send(payload)
+                sent[k].append(payload)
+        order = [2, 0, 3, 1] if round_ % 2 else [1, 3, 0, 2]
+        for k in order:
+            writers[k].uncork()
+            assert [f.payload for f in frames_of(outputs[k])] == sent[k]
+    dropped = FrameWriter([].append, is_server=True)
+    dropped.cork()
+    dropped.send(b"x" * 50)
+    del dropped  # freed while holding the buffer: the next writer still gets a working one
+    out: list = []
+    w = FrameWriter(out.append, is_server=True)
+    w.cork()
+    w.send(b"after")
+    w.uncork()
+    assert [f.payload for f in frames_of(out)] == [b"after"]
+
+
 def test_writer_refuses_invalid_frames():
     w = FrameWriter([].append, is_server=True)
     for call in (

@@ -4,6 +4,7 @@ keepalive decision, and the inbox.  (test_lifecycle.py checks the same behaviour
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -253,7 +254,21 @@ async def test_a_wait_driven_by_hand_parks_then_returns_the_message() -> None:
     parked = step.send(None)
     assert parked._asyncio_future_blocking and not parked.done()
     assert not asyncio.isfuture(parked)  # a class that looked like a Future would fool ensure_future()
+    # the Future protocol a Task uses, as a Task calls it (get_loop/add_done_callback are the object
+    # itself, called: no bound method per wait); the message still comes from resuming the await
+    assert parked.get_loop() is asyncio.get_running_loop()
+    woken: list = []
+    parked.add_done_callback(woken.append, context=contextvars.copy_context())
+    with pytest.raises(TypeError, match="add_done_callback"):
+        parked.add_done_callback(woken.append, loop=None)
+    with pytest.raises(TypeError, match="add_done_callback"):
+        parked.add_done_callback(woken.append, woken.append)
+    with pytest.raises(RuntimeError, match="already waiting"):
+        parked.add_done_callback(woken.append)
     inbox.put("late")
+    await asyncio.sleep(0)
+    assert len(woken) == 1 and woken[0].result() is None  # handed a finished Future, as a Task's wake-up is
+    assert parked.remove_done_callback(woken.append) == 0
     with pytest.raises(StopIteration) as stopped:
         step.send(None)
     assert stopped.value.value == "late"
