@@ -214,7 +214,7 @@ async def test_a_wait_for_a_message_is_cancellable_and_loses_nothing() -> None:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(inbox.get(), 0.01)
         assert not inbox.waiting
-    waiter = asyncio.ensure_future(inbox.anext())
+    waiter = asyncio.ensure_future(anext(inbox))
     assert isinstance(waiter, asyncio.Task)
     await asyncio.sleep(0)
     assert inbox.waiting
@@ -313,9 +313,9 @@ async def test_a_queued_message_comes_back_in_an_awaitable_that_is_already_done(
     for m in (b"a", "b", b"c", "d", b"e", "f"):
         inbox.put(m)
     assert await inbox.get() == b"a"
-    assert await inbox.anext() == "b"
+    assert await anext(inbox) == "b"
     assert await asyncio.wait_for(inbox.get(), 1) == b"c"
-    assert await asyncio.gather(inbox.get(), inbox.anext()) == ["d", b"e"]
+    assert await asyncio.gather(inbox.get(), anext(inbox)) == ["d", b"e"]
     step = inbox.get().__await__()  # the iterator protocol, as a hand-written event loop drives it
     with pytest.raises(StopIteration) as stopped:
         step.send(None)
@@ -325,6 +325,6 @@ async def test_a_queued_message_comes_back_in_an_awaitable_that_is_already_done(
     assert again.value.value is None  # handed out once
     inbox.end(ConnectionClosed(1000))
     with pytest.raises(StopAsyncIteration):
-        await inbox.anext()
+        await anext(inbox)
     with pytest.raises(ConnectionClosed):
         await inbox.get()

@@ -677,8 +677,11 @@ cdef class Inbox:
         (An awaitable; a queued message comes back in one that is already done.)"""
         return self._next(False)
 
-    def anext(self):
-        """get() for ``async for``: a normal close (1000, 1001, 1005) ends the iteration quietly."""
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        # get() for ``async for``: a normal close (1000, 1001, 1005) ends the iteration quietly
         return self._next(True)
 
     cdef object _next(self, bint iterating):
@@ -1804,7 +1807,12 @@ cdef class SessionCore(_Wire):
         return self._inbox._next(False)
 
     def __aiter__(self):
-        return self
+        # ``async for`` iterates the inbox itself: its __anext__ is a C slot, while on Session (a
+        # Python subclass, which Cython's methods of the same name shadow) it would be looked up
+        # and called by name for every message
+        if self._inbox is None:
+            self._make_inbox()
+        return self._inbox
 
     def __anext__(self):
         """``async for message in ws``: ends quietly on a normal close (1000, 1001, 1005)."""
