@@ -11,8 +11,18 @@
 #
 # Results: bench/results/capacity/<mode>_<N>_w<WORKERS>.json.  Big runs take the whole machine;
 # run them alone (they are benchmarks, not tests).
+#
+# EHASH=N bash bench/capacity.sh ...: the run happens in a new network namespace whose TCP table of
+# established connections has N buckets (net.ipv4.tcp_child_ehash_entries, Linux 6.1+; root): at run
+# time, what the boot parameter thash_entries=N does for a host.  This VM boots with 262,144 buckets,
+# which a million loopback connections (two sockets each) turn into long chains walked per packet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${EHASH:-}" ] && [ -z "${CAPACITY_NETNS:-}" ]; then
+  sysctl -qw net.ipv4.tcp_child_ehash_entries="$EHASH"
+  exec env CAPACITY_NETNS=1 unshare -n bash -c 'ip link set lo up && exec bash "$0" "$@"' "$0" "$@"
+fi
+[ -n "${CAPACITY_NETNS:-}" ] && echo "network namespace: $(sysctl -n net.ipv4.tcp_ehash_entries) established-hash buckets"
 mode=$1 n=$2 workers=$3 a=$4
 shift 4
 b=""
