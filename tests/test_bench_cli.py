@@ -158,6 +158,18 @@ def test_connections(results):
     assert res["dropped_during_hold"] == 0
 
 
+def test_a_merged_ramp_is_thinned_to_evenly_spaced_steps():
+    # 56 processes ramping to a million connections report tens of thousands of distinct sample times
+    from fastws.bench.connections import _merge_timelines
+
+    timelines = [[[0.0, 0.0]] + [[k * 0.001 + (i + 1) * 0.01, float(i + 1)] for i in range(3000)] for k in range(20)]
+    ramp = _merge_timelines(timelines)
+    assert 400 <= len(ramp) <= 510
+    assert ramp[0] == [0.0, 0.0] and ramp[-1] == [round(19 * 0.001 + 3000 * 0.01, 3), 20 * 3000.0]
+    assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(ramp, ramp[1:]))
+    assert _merge_timelines([timelines[0][:100]]) == [[round(t, 3), c] for t, c in timelines[0][:100]]  # short: whole
+
+
 def test_broadcast(results):
     res = results[1]["broadcast"]["results"]
     assert res["subscribers"] == 5

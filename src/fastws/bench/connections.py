@@ -186,6 +186,20 @@ def _merge_timelines(timelines: list[list[list[float]]]) -> list[list[float]]:
                 pos[i] += 1
             total += tl[pos[i]][1] if tl and tl[pos[i]][0] <= t else 0
         out.append([round(t, 3), total])
+    return _thin(out)
+
+
+def _thin(timeline: list[list[float]], points: int = 500) -> list[list[float]]:
+    """At most about ``points`` steps, evenly spaced in time, the last one kept (processes sample at
+    their own moments: merged, a million-connection ramp has tens of thousands of distinct times)."""
+    if len(timeline) <= points:
+        return timeline
+    step = timeline[-1][0] / points
+    out = [timeline[0]]
+    for t, count in timeline[1:-1]:
+        if t - out[-1][0] >= step:
+            out.append([t, count])
+    out.append(timeline[-1])
     return out
 
 
