@@ -142,8 +142,8 @@ typedef struct {
     PyObject *cancel_msg;
     vectorcallfunc vectorcall; /* fastws_waiting_call */
     fastws_poll_fn poll;
-    int iterating;        /* poll's mode: ``async for`` (a clean close ends it) or recv() */
-    int state;
+    char iterating;       /* poll's mode: ``async for`` (a clean close ends it) or recv() */
+    char state;           /* WAIT_* */
     char blocking;        /* _asyncio_future_blocking */
 } fastws_Waiting;
 
