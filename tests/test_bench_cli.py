@@ -166,7 +166,7 @@ def test_a_merged_ramp_is_thinned_to_evenly_spaced_steps():
     ramp = _merge_timelines(timelines)
     assert 400 <= len(ramp) <= 510
     assert ramp[0] == [0.0, 0.0] and ramp[-1] == [round(19 * 0.001 + 3000 * 0.01, 3), 20 * 3000.0]
-    assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(ramp, ramp[1:]))
+    assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(ramp, ramp[1:], strict=False))
     assert _merge_timelines([timelines[0][:100]]) == [[round(t, 3), c] for t, c in timelines[0][:100]]  # short: whole
 
 
