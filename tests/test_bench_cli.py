@@ -299,3 +299,17 @@ def test_compare_script_parses(tmp_path):
         timeout=30,
     )
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_the_connections_bench_warns_of_a_small_established_connection_table():
+    from fastws.bench.connections import established_hash_buckets, established_hash_warning
+
+    assert established_hash_warning(1_000_000, True, 262_144) == (
+        "2,000,000 sockets for 262,144 buckets in the kernel's table of established TCP connections: the ramp "
+        "will slow as its chains grow; boot with thash_entries=2097152, or run in a network namespace made "
+        "after sysctl net.ipv4.tcp_child_ehash_entries=2097152")
+    assert established_hash_warning(1_000_000, True, 2_097_152) is None
+    assert established_hash_warning(400_000, False, 262_144) is None  # the server elsewhere: 1 socket each here
+    assert established_hash_warning(1_000_000, True, None) is None  # a kernel that does not say
+    buckets = established_hash_buckets()
+    assert buckets is None or buckets > 0

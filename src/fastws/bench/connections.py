@@ -86,6 +86,28 @@ def ports_per_address() -> int:
         return 28232
 
 
+def established_hash_buckets() -> int | None:
+    """Buckets of the kernel's table of established TCP connections (Linux 6.1+ shows it), or None."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_ehash_entries") as f:
+            return abs(int(f.read()))  # negative: a namespace sharing the host's table
+    except (OSError, ValueError):
+        return None
+
+
+def established_hash_warning(n: int, loopback: bool, buckets: int | None) -> str | None:
+    """Every TCP packet looks its socket up in that table: past ~2 sockets per bucket the chains it
+    walks grow with the connections (on this project's VM, a million loopback connections spent 14 %
+    of all CPU there and the ramp stalled)."""
+    sockets = 2 * n if loopback else n  # on loopback both ends are on this host
+    if buckets is None or sockets <= 2 * buckets:
+        return None
+    want = 1 << math.ceil(math.log2(sockets))
+    return (f"{sockets:,} sockets for {buckets:,} buckets in the kernel's table of established TCP "
+            f"connections: the ramp will slow as its chains grow; boot with thash_entries={want}, or run "
+            f"in a network namespace made after sysctl net.ipv4.tcp_child_ehash_entries={want}")
+
+
 def auto_processes(n: int) -> int:
     procs = math.ceil(n / PER_PROCESS)
     return max(procs, 2 if n >= 2000 else 1)
@@ -215,6 +237,10 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         )
     k = args.source_addresses or auto_sources(n)
     sources = source_addresses(k) if target.loopback else []
+    buckets = established_hash_buckets()
+    warning = established_hash_warning(n, target.loopback, buckets)
+    if warning:
+        ui.warn(warning)
     ramp_timeout = args.ramp_timeout or max(120.0, n / 1000)
     # A server closes (or echoes) a million connections at some tens of thousands a second: wait for it.
     close_timeout = 5.0 + n / 20000
@@ -348,6 +374,7 @@ def run(args: Any, ui: UI) -> dict[str, Any]:
         "verify": verify,
         "processes": procs,
         "source_addresses": len(sources),
+        "tcp_ehash_entries": buckets,
         "stopped_by": sorted({r["stopped_by"] for r in ramped} | ({"memory"} if stopped_for_memory else set())),
         "server": server,
         "client": client,
