@@ -53,6 +53,14 @@ sleep $((workers / 8 + 1))  # every worker listening
 if [ "$mode" = connections ]; then
   python -m fastws bench connections "ws://127.0.0.1:$port/echo" -c "$n" -d "$a" --concurrency 300 \
     --server-pid "$server" --json "$out"
+  echo "server-side ends (/metrics): keepalive timeouts, and closes by code and by who closed first:"
+  python - "$port" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
+for line in text.splitlines():
+    if line.startswith(("fastws_keepalive_timeouts_total", "fastws_closes_total")):
+        print("  " + line)
+PY
 else
   python -m fastws bench broadcast "ws://127.0.0.1:$port/feed" -c "$n" -n "$a" --rate "$b" -d 120 --grace 30 \
     --concurrency 300 --server-pid "$server" --json "$out"
