@@ -1765,9 +1765,7 @@ cdef class SessionCore(_Wire):
             return _Wire._deliver_message(self, message)
         self._messages += 1
         self._last_message = _clock
-        if self._inbox is None:
-            self._make_inbox()
-        self._inbox._put(message, True)  # a consumer waiting for it runs at the end of the read
+        self._the_inbox()._put(message, True)  # a consumer waiting for it runs at the end of the read
         if self._async_messages and self._task is None:
             self._start_queue()  # a task to hand the queue to the async on_message
             self._uncork_next_turn()
@@ -1802,23 +1800,22 @@ cdef class SessionCore(_Wire):
     def recv(self):
         """The next message (handler-coroutine style): ``await ws.recv()``; raises ConnectionClosed at
         the end.  A queued message comes back without a future or a suspension."""
+        return self._the_inbox()._next(False)
+
+    cdef inline Inbox _the_inbox(self):
         if self._inbox is None:
-            self._make_inbox()
-        return self._inbox._next(False)
+            self._make_inbox()  # the Python half: it knows the limits and the flow control
+        return self._inbox
 
     def __aiter__(self):
         # ``async for`` iterates the inbox itself: its __anext__ is a C slot, while on Session (a
         # Python subclass, which Cython's methods of the same name shadow) it would be looked up
         # and called by name for every message
-        if self._inbox is None:
-            self._make_inbox()
-        return self._inbox
+        return self._the_inbox()
 
     def __anext__(self):
         """``async for message in ws``: ends quietly on a normal close (1000, 1001, 1005)."""
-        if self._inbox is None:
-            self._make_inbox()
-        return self._inbox._next(True)
+        return self._the_inbox()._next(True)
 
     @property
     def transport(self):
