@@ -66,6 +66,14 @@ class ServerSpec:
     args: list[str] = field(default_factory=list)
     raw: bool = False
     note: str = ""
+    # started afresh for each workload with --message-size S, and only for messages of min_size or more
+    per_message_size: bool = False
+    min_size: int = 0
+
+    def measures(self, w: Workload) -> bool:
+        if self.raw and not w.raw_ok:
+            return False
+        return not self.per_message_size or (w.mode == "throughput" and w.size >= self.min_size)
 
 
 @dataclass
@@ -249,6 +257,9 @@ def server_specs(full: bool) -> tuple[list[ServerSpec], dict[str, str]]:
         ServerSpec("tornado", "tornado_echo.py"),
         ServerSpec("socketify", "socketify_echo.py", note="uWebSockets (C++)"),
         ServerSpec("raw-tcp", "raw_tcp_echo.py", raw=True, note="no framing: the limit"),
+        ServerSpec("raw-tcp-message", "raw_tcp_message_echo.py", raw=True, per_message_size=True,
+                   min_size=64 * KIB, note="no framing, whole messages only: the limit of a message API; "
+                   "started for each workload with its --message-size"),
     ]
     for spec in list(specs):
         module = {
@@ -268,9 +279,12 @@ def server_specs(full: bool) -> tuple[list[ServerSpec], dict[str, str]]:
 
 
 class RunningServer:
-    def __init__(self, spec: ServerSpec, port: int, cpu: str, log: Path) -> None:
+    def __init__(self, spec: ServerSpec, port: int, cpu: str, log: Path, message_size: int = 0) -> None:
         self.spec, self.port = spec, port
         cmd = ["taskset", "-c", cpu, PY, str(SERVERS_DIR / spec.script), "--port", str(port), *spec.args]
+        self.message_size = message_size if spec.per_message_size else 0
+        if self.message_size:
+            cmd += ["--message-size", str(message_size)]
         self.command = cmd
         self._log = open(log, "a")
         self.proc = subprocess.Popen(
@@ -372,7 +386,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for spec in specs:
         port += 1
         print(f"== {spec.name} (port {port})", flush=True)
-        server = RunningServer(spec, port, args.server_cpu, RESULTS_DIR / f"{spec.name}.log")
+        log = RESULTS_DIR / f"{spec.name}.log"
+        first = next((w for w in workloads if spec.measures(w)), None)
+        if first is None:
+            continue
+        server = RunningServer(spec, port, args.server_cpu, log, message_size=first.size)
         summary["commands"][spec.name] = shlex.join(server.command)
         if spec.note:
             summary.setdefault("notes", {})[spec.name] = spec.note
@@ -381,14 +399,18 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         try:
             server.wait_ready()
             for w in workloads:
-                if spec.raw and not w.raw_ok:
+                if not spec.measures(w):
                     continue
+                if spec.per_message_size and server.message_size != w.size:
+                    server.stop()
+                    server = RunningServer(spec, port, args.server_cpu, log, message_size=w.size)
+                    server.wait_ready()
                 runs = []
                 for rep in range(preset["repeat"]):
                     if w.mode == "connections" and rep > 0:
                         # Memory per connection is only honest on a fresh heap: restart the server.
                         server.stop()
-                        server = RunningServer(spec, port, args.server_cpu, RESULTS_DIR / f"{spec.name}.log")
+                        server = RunningServer(spec, port, args.server_cpu, log)
                         server.wait_ready()
                     out = RESULTS_DIR / f"{spec.name}__{w.key}__r{rep + 1}.json"
                     cmd = bench_command(w, spec, port, preset, out, args.client_cpu, server.pid)
@@ -528,7 +550,10 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
         f"idle connections: {summary['params']['idle']:,} held {summary['params']['hold']} s.",
         "- Every server echoes on /echo; `raw-tcp` is a uvloop TCP echo without WebSocket framing, driven "
         "by `fastws bench --raw` with the same byte streams (every S bytes back = one message): the "
-        "physical limit.",
+        "physical limit. It writes each read back at once, still in the CPU cache; a message server must "
+        "hold a whole message before the application sees it, so `raw-tcp-message` (big messages only) is "
+        "the same echo writing back whole messages only, each read straight into one reused buffer: the "
+        "limit of any message API.",
         "- `x picows` and `x raw` are ratios to those rows in the same run. CPU columns: share of one core "
         "used by the server / the client during the window. `limit`: the side that was saturated (running "
         "or waiting for a CPU more than 90 % of the window); a **client-bound** row measures the client's "
@@ -711,6 +736,19 @@ def targets(summary: dict[str, Any]) -> list[str]:
                         f"{100 * s[w.key]['mb_per_s'] / servers['raw-tcp'][w.key]['mb_per_s']:.0f}%",
                     ),
                 )
+    # issue 10's lines against the raw echoes: small messages over many connections, and 1 MiB
+    for ref, need, key in (("raw-tcp", 0.65, "msgs_64B_c100"), ("raw-tcp", 0.9, "mbs_1MiB_c100"),
+                           ("raw-tcp-message", 0.9, "mbs_1MiB_c100")):
+        w = next(w for w in WORKLOADS if w.key == key)
+        path = w.metrics[0][0]
+        if key in servers.get(ref, {}):
+            check(
+                f">= {need}x {ref}: {key}",
+                lambda s, ref=ref, need=need, key=key, path=path: (
+                    s[key][path] >= need * servers[ref][key][path],
+                    f"{s[key][path] / servers[ref][key][path]:.2f}x",
+                ),
+            )
     peers = [p for p in PYTHON_PEERS if p in servers and "idle" in servers[p]]
     if peers:
         key = "server.bytes_per_connection"

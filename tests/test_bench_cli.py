@@ -301,6 +301,27 @@ def test_compare_script_parses(tmp_path):
     assert proc.returncode == 0 and "--quick" in proc.stdout
 
 
+@pytest.mark.parametrize("size", [300_000, 1000])  # one message per buffer; many per buffer
+def test_the_whole_message_raw_echo_writes_back_whole_messages_only(size):
+    """compare.py's raw-tcp-message bound: 2.5 messages in, the peer's end of input, and exactly the
+    two whole ones come back before it closes (the half message never leaves)."""
+    port = _free_port()
+    script = REPO / "bench" / "servers" / "raw_tcp_message_echo.py"
+    proc = _start([sys.executable, str(script), "--port", str(port), "--message-size", str(size)], port)
+    try:
+        data = random.Random(size).randbytes(size * 5 // 2)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            for start in range(0, len(data), 70_000):  # in pieces that do not line up with messages
+                sock.sendall(data[start:start + 70_000])
+            sock.shutdown(socket.SHUT_WR)
+            back = bytearray()
+            while chunk := sock.recv(1 << 20):
+                back += chunk
+        assert bytes(back) == data[: 2 * size]
+    finally:
+        _stop(proc)
+
+
 def test_the_connections_bench_warns_of_a_small_established_connection_table():
     from fastws.bench.connections import established_hash_buckets, established_hash_warning
 
