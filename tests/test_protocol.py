@@ -176,7 +176,7 @@ def test_connection_closed_error_carries_both_frames() -> None:
 
 async def test_inbox_flow_control_and_end() -> None:
     flow: list[bool] = []
-    inbox = Inbox(asyncio.get_running_loop(), flow.append, max_messages=4, max_bytes=10)
+    inbox = Inbox(asyncio.get_running_loop(), flow, list.append, max_messages=4, max_bytes=10)
     for m in ("aa", "bb", "cc"):
         inbox.put(m)
     assert flow == [] and inbox.queued_bytes == 6
@@ -196,7 +196,7 @@ async def test_inbox_flow_control_and_end() -> None:
 
 
 async def test_inbox_get_without_messages_waits() -> None:
-    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=4, max_bytes=0)
+    inbox = Inbox(asyncio.get_running_loop(), None, lambda owner, more: None, max_messages=4, max_bytes=0)
     waiter = asyncio.ensure_future(inbox.get())
     await asyncio.sleep(0)
     assert inbox.waiting and not waiter.done()
@@ -209,7 +209,7 @@ async def test_a_wait_for_a_message_is_cancellable_and_loses_nothing() -> None:
     wait (the task sees CancelledError / TimeoutError), and a message that comes afterwards is
     still the next one; ensure_future() runs the wait in a task (it is not a Future itself)."""
     loop = asyncio.get_running_loop()
-    inbox = Inbox(loop, lambda more: None, max_messages=16, max_bytes=0)
+    inbox = Inbox(loop, None, lambda owner, more: None, max_messages=16, max_bytes=0)
     for _ in range(3):
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(inbox.get(), 0.01)
@@ -235,7 +235,7 @@ async def test_a_wait_for_a_message_is_cancellable_and_loses_nothing() -> None:
 
 
 async def test_only_one_coroutine_waits_for_the_next_message() -> None:
-    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=16, max_bytes=0)
+    inbox = Inbox(asyncio.get_running_loop(), None, lambda owner, more: None, max_messages=16, max_bytes=0)
     first = asyncio.ensure_future(inbox.get())
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="another coroutine is already waiting for the next message"):
@@ -249,7 +249,7 @@ async def test_only_one_coroutine_waits_for_the_next_message() -> None:
 async def test_a_wait_driven_by_hand_parks_then_returns_the_message() -> None:
     """The iterator protocol without a task: the first step parks (yields the awaitable, as a Future
     does), a later one returns the message that came meanwhile."""
-    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=16, max_bytes=0)
+    inbox = Inbox(asyncio.get_running_loop(), None, lambda owner, more: None, max_messages=16, max_bytes=0)
     step = inbox.get().__await__()
     parked = step.send(None)
     assert parked._asyncio_future_blocking and not parked.done()
@@ -285,7 +285,7 @@ async def test_a_wait_wakes_and_cancels_under_either_task_implementation(task_cl
     wait itself: both of asyncio's Task classes must get the message, or the CancelledError."""
     loop = asyncio.get_running_loop()
     task_type = asyncio.tasks._CTask if task_class == "c" else asyncio.tasks._PyTask
-    inbox = Inbox(loop, lambda more: None, max_messages=16, max_bytes=0)
+    inbox = Inbox(loop, None, lambda owner, more: None, max_messages=16, max_bytes=0)
 
     async def consume(count: int) -> list:
         return [await inbox.get() for _ in range(count)]
@@ -309,7 +309,7 @@ async def test_a_wait_wakes_and_cancels_under_either_task_implementation(task_cl
 async def test_a_queued_message_comes_back_in_an_awaitable_that_is_already_done() -> None:
     """recv() / async for on a non-empty inbox return a finished awaitable (no coroutine, no
     future): every way of awaiting it gets the message, once."""
-    inbox = Inbox(asyncio.get_running_loop(), lambda more: None, max_messages=16, max_bytes=0)
+    inbox = Inbox(asyncio.get_running_loop(), None, lambda owner, more: None, max_messages=16, max_bytes=0)
     for m in (b"a", "b", b"c", "d", b"e", "f"):
         inbox.put(m)
     assert await inbox.get() == b"a"

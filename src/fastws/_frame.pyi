@@ -111,12 +111,13 @@ READY: _Ready  # returned by send() when nothing needs awaiting (awaiting it doe
 class Inbox:
     """A session's bounded queue of received messages, in front of async code."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, flow: Any, *, max_messages: int, max_bytes: int) -> None: ...
+    def __init__(self, loop: asyncio.AbstractEventLoop, owner: Any, flow: Any, *, max_messages: int,
+                 max_bytes: int) -> None: ...  # flow(owner, more): stop (False) / resume (True) reading
     def __len__(self) -> int: ...
     @property
     def queued_bytes(self) -> int: ...
     @property
-    def full(self) -> bool: ...  # reading pauses (flow.inbox_full()) until it drains to half
+    def full(self) -> bool: ...  # reading pauses (flow(owner, False)) until it drains to half
     @property
     def waiting(self) -> bool: ...  # a consumer awaits the next message
     def put(self, message: str | bytes) -> None: ...

@@ -29,8 +29,6 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
     int PyBUF_WRITE
     ctypedef struct PyObject
-    int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject *items) except -1
-    Py_ssize_t PY_SSIZE_T_MAX
 
 cdef extern from "_sock.h" nogil:
     long fastws_send(int fd, const void *buf, size_t n)  # non-blocking, no SIGPIPE; -1 on Windows
@@ -559,36 +557,42 @@ cdef object _inbox_poll(object inbox, int iterating):
 cdef class Inbox:
     """Messages received but not yet taken by ``recv()`` (handler coroutines, async endpoints, the client).
 
-    Bounded in messages and in bytes: past either limit ``flow(False)`` asks
-    the shell to stop reading (TCP then pushes back on the peer); once the
-    consumer has taken half of it, ``flow(True)`` to read again.  ``end(exc)``
+    Bounded in messages and in bytes: past either limit ``flow(owner, False)``
+    asks the shell to stop reading (TCP then pushes back on the peer); once the
+    consumer has taken half of it, ``flow(owner, True)`` to read again (a plain
+    function and its owner: no bound method kept per connection).  An empty
+    inbox holds no list.  ``end(exc)``
     marks the end of the stream: ``get()`` returns what was queued, then raises
     it.  ``get()`` returns an awaitable that is already done when a message is
     queued, else the inbox's one reusable waiting awaitable (no future, no
     coroutine per wait); one consumer at a time.
     """
 
-    cdef list _items
+    cdef list _items                # None while empty
     cdef Py_ssize_t _head           # _items[_head:] are queued
     cdef Py_ssize_t _bytes
     cdef Py_ssize_t _max_messages
     cdef Py_ssize_t _max_bytes
     cdef object _waiting            # fastws_Waiting, made at the first wait
     cdef object _loop
+    cdef object _owner
     cdef object _flow
     cdef object _end
     cdef unsigned char _paused
     cdef bint _due                  # a consumer was woken by _put(defer=True): the owner resumes it
 
-    def __init__(self, loop, flow, *, Py_ssize_t max_messages, Py_ssize_t max_bytes):
-        self._items = []
+    def __init__(self, loop, owner, flow, *, Py_ssize_t max_messages, Py_ssize_t max_bytes):
         self._loop = loop
+        self._owner = owner
         self._flow = flow
         self._max_messages = max(1, max_messages)
         self._max_bytes = max_bytes
 
     def __len__(self):
-        return len(self._items) - self._head
+        return self._count()
+
+    cdef inline Py_ssize_t _count(self):
+        return 0 if self._items is None else len(self._items) - self._head
 
     @property
     def queued_bytes(self):
@@ -604,18 +608,21 @@ cdef class Inbox:
         return self._waiting is not None and fastws_waiting_busy(self._waiting)
 
     cdef inline bint _is_full(self):
-        return (len(self._items) - self._head >= self._max_messages
+        return (self._count() >= self._max_messages
                 or (self._max_bytes > 0 and self._bytes >= self._max_bytes))
 
     cdef int _put(self, object message, bint defer) except -1:
         """Queue ``message`` and wake a waiting consumer.  With ``defer`` the caller resumes it
         (``_resume_consumer``) once it has queued the rest of its read; otherwise the loop does,
         a turn later."""
-        self._items.append(message)
+        if self._items is None:
+            self._items = [message]
+        else:
+            self._items.append(message)
         self._bytes += len(message)
         if not self._paused and self._is_full():
             self._paused = True
-            self._flow(False)
+            self._flow(self._owner, False)
         if self._waiting is None or not fastws_waiting_wake(self._waiting):
             return 0
         if defer:
@@ -643,19 +650,18 @@ cdef class Inbox:
         self._items[self._head] = None
         self._head += 1
         if self._head == len(self._items):
-            # empty: the list lets go of its item array (list.clear() would be a call by name)
-            PyList_SetSlice(self._items, 0, PY_SSIZE_T_MAX, NULL)
+            self._items = None  # empty: hold no list
             self._head = 0
         self._bytes -= len(message)
-        if self._paused and len(self._items) - self._head <= self._max_messages // 2 and (
+        if self._paused and self._count() <= self._max_messages // 2 and (
                 self._max_bytes <= 0 or self._bytes <= self._max_bytes // 2):
             self._paused = False
-            self._flow(True)
+            self._flow(self._owner, True)
         return message
 
     cdef object _poll(self, int iterating):
         """What resuming a wait gives: the next message, the end of the stream (raised), or NOT_READY."""
-        if self._head < len(self._items):
+        if self._items is not None:
             return self._pop()
         if self._end is not None:
             if iterating and isinstance(self._end, ConnectionClosed) and self._end.code in (1000, 1001, 1005):
@@ -668,7 +674,7 @@ cdef class Inbox:
 
     def get_nowait(self):
         """The next message; IndexError when none is queued."""
-        if self._head == len(self._items):
+        if self._items is None:
             raise IndexError("no message queued")
         return self._pop()
 
@@ -685,7 +691,7 @@ cdef class Inbox:
         return self._next(True)
 
     cdef object _next(self, bint iterating):
-        if self._head < len(self._items):
+        if self._items is not None:
             return fastws_ready_value(self._pop())
         if self._waiting is None:
             self._waiting = fastws_waiting_new(self, self._loop, _inbox_poll, NOT_READY)
@@ -704,7 +710,7 @@ cdef class Inbox:
 
     def clear(self):
         """Drop what is queued (the connection died: nobody will answer these)."""
-        self._items.clear()
+        self._items = None
         self._head = 0
         self._bytes = 0
 

@@ -183,7 +183,7 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
         self.local_address: Any = None
         self._closed_fut: asyncio.Future[None] = loop.create_future()
         self._timeout = close_timeout
-        self._inbox = Inbox(loop, self._inbox_flow, max_messages=max_queue, max_bytes=0)
+        self._inbox = Inbox(loop, self, ClientConnection._inbox_flow, max_messages=max_queue, max_bytes=0)
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}

@@ -353,8 +353,8 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         inbox = self._inbox
         if inbox is None:
             cfg = self._server.config
-            inbox = self._inbox = Inbox(self._server.loop, self._inbox_flow, max_messages=cfg.max_queue,
-                                        max_bytes=cfg.max_queue_bytes)
+            inbox = self._inbox = Inbox(self._server.loop, self, Session._inbox_flow,
+                                        max_messages=cfg.max_queue, max_bytes=cfg.max_queue_bytes)
             if self._state == CLOSED:
                 inbox.end(self.connection_closed_error())
         return inbox

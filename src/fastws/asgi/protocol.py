@@ -141,7 +141,7 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         self._scope: dict[str, Any] | None = None
         self._reader: Any = None
         self._writer: FrameWriter | None = None
-        self._inbox = Inbox(self._loop, self._inbox_flow, max_messages=config.ws_max_queue,
+        self._inbox = Inbox(self._loop, self, FastWSProtocol._inbox_flow, max_messages=config.ws_max_queue,
                             max_bytes=self.max_queue_bytes)
         self._connect_pending = True  # websocket.connect not yet received by the app
         self._early = b""  # bytes that came before the 101 (a client should send none)
