@@ -6,7 +6,7 @@
     python bench/styles_ab.py --variants endpoint,handler@/tmp/old/src,handler
 
 Each variant is `STYLE` or `STYLE@PYTHONPATH` (a built tree: `python setup.py build_ext --inplace`
-there first); STYLE is a bench/servers/fastws_styles.py style (endpoint, handler, async).  Every
+there first); STYLE is a bench/servers/fastws_styles.py style (endpoint, handler, async, handler-del).  Every
 round starts each variant's server afresh on CPU 0 (taskset) and runs `fastws bench throughput`
 against it on CPU 1, the variants taking turns, so that a machine whose speed drifts by tens of
 percent between minutes still compares them fairly.  Prints each variant's median msgs/s, its

@@ -5,6 +5,9 @@
 --style endpoint   sync Endpoint.on_message -> session.send (the demo's /echo)
 --style async      async def on_message -> await session.send
 --style handler    async def handler(ws): async for message in ws: await ws.send(message)
+--style handler-del  the same handler, with `del message` after the send: the previous message is
+                   freed at once instead of living until the next one arrives (big messages then
+                   reuse memory that is still in the CPU cache; README, Benchmarks)
 
 Each serves its style at /echo through `fastws serve` (so the bench client's URL is the same
 for every row); ``fastws serve fastws_styles:app`` serves all three at /echo, /echo-async and
@@ -30,6 +33,12 @@ async def echo_handler(ws: Session) -> None:
         await ws.send(message)
 
 
+async def echo_handler_del(ws: Session) -> None:
+    async for message in ws:
+        await ws.send(message)
+        del message
+
+
 app = create_app()
 app.route("/echo-async")(AsyncEcho)
 app.route("/echo-handler")(echo_handler)
@@ -37,11 +46,13 @@ app.route("/echo-handler")(echo_handler)
 
 def style_app(style: str) -> App:
     one = App()
-    one.route("/echo")({"endpoint": Echo, "async": AsyncEcho, "handler": echo_handler}[style])
+    one.route("/echo")({"endpoint": Echo, "async": AsyncEcho, "handler": echo_handler,
+                        "handler-del": echo_handler_del}[style])
     return one
 
 
-endpoint_app, async_app, handler_app = (style_app(s) for s in ("endpoint", "async", "handler"))
+endpoint_app, async_app, handler_app, handler_del_app = (
+    style_app(s) for s in ("endpoint", "async", "handler", "handler-del"))
 
 
 if __name__ == "__main__":
@@ -54,9 +65,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9001)
-    p.add_argument("--style", choices=("endpoint", "async", "handler"), default="handler")
+    p.add_argument("--style", choices=("endpoint", "async", "handler", "handler-del"), default="handler")
     args, extra = p.parse_known_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     print(f"fastws {args.style} echo server on port {args.port} {' '.join(extra)}", flush=True)
-    sys.exit(main(["serve", f"fastws_styles:{args.style}_app", "--host", args.host, "--port", str(args.port),
+    app_name = f"fastws_styles:{args.style.replace('-', '_')}_app"
+    sys.exit(main(["serve", app_name, "--host", args.host, "--port", str(args.port),
                    "--log-level", "warning", "--max-message-size", str(MAX_MESSAGE), *extra]))
