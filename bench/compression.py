@@ -26,24 +26,34 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import websockets
 from websockets.asyncio.client import connect
 
 from benchutil import cpu_model  # bench/benchutil.py
+from fastws.deflate import SHARED_ZLIB_VERSION
 
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / "servers"
 
 VARIANTS = [
-    ("fastws", ["fastws_echo.py", "--compression"], "no context takeover, shared C stream (default)"),
+    ("fastws", ["fastws_echo.py", "--compression"], "no context takeover, shared zlib-ng stream, level 1 (default)"),
+    ("fastws-level6", ["fastws_echo.py", "--compression", "--compression-level", "6"],
+     "the same at level 6: dynamic Huffman codes per message"),
     ("fastws-takeover", ["fastws_echo.py", "--compression", "--compression-context-takeover"],
      "context takeover, 12-bit windows, memLevel 5"),
     ("aiohttp", ["aiohttp_echo.py", "--compression"], "context takeover, 15-bit windows"),
     ("websockets", ["websockets_echo.py", "--compression"], "context takeover, 12-bit windows, memLevel 5"),
     ("fastws-plain", ["fastws_echo.py"], "no compression (the floor)"),
 ]
+
+
+def aiohttp_version() -> str:
+    from importlib.metadata import version
+
+    return version("aiohttp")
 
 
 def free_port() -> int:
@@ -135,6 +145,8 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
               "python": platform.python_version(), "websockets": websockets.__version__,
+              "aiohttp": aiohttp_version(),
+              "zlib": {"shared streams": SHARED_ZLIB_VERSION, "system": zlib.ZLIB_RUNTIME_VERSION},
               "command": " ".join(["python", *sys.argv]), "message_bytes": sum(map(len, messages)) / len(messages),
               "rows": rows}
     out = HERE / "results" / "compression.json"

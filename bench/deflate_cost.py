@@ -3,15 +3,16 @@
 
     python bench/deflate_cost.py [--messages 2000] [--rounds 5] [--others]
 
-Runs fastws's zlib streams (fastws._zlib: a stream reset between messages, as the shared
-no-context-takeover compressor does, or kept, as with context takeover) over the messages
-bench/compression.py sends, and prints microseconds per message and the ratio for each setting.
-Without context takeover every message gets fresh Huffman tables, whatever the level or memLevel:
-that is where the time goes.  It also prints what inflating such a message costs (the shared stream,
-reset per message), and with --others what other deflate libraries take for the same messages
+Runs fastws's streams over the messages bench/compression.py sends and prints microseconds per
+message and the ratio for each setting: the system zlib's (fastws._zlib: reset between messages,
+or kept, as with context takeover) and zlib-ng's (fastws._zlibng, the shared no-context-takeover
+streams; its level 1, the default there, writes fixed Huffman codes).  With the system zlib every
+message without context takeover gets a fresh dynamic Huffman tree, whatever the level or memLevel:
+that is where the time goes.  It also prints what inflating such a message costs with each library
+(the client's messages, compressed at level 6), and with --others what other deflate libraries take
 when they are installed: libdeflate (Debian's libdeflate0, through ctypes, one persistent
-compressor) and zlib-ng (`pip install zlib-ng`, a fresh stream per message: its Python API has no
-reset).  Those go through Python bindings, so each call costs ~1 µs more than from the wire core.
+compressor) and the zlib-ng Python package (a fresh stream per message: its API has no reset).
+Those go through Python bindings, so each call costs ~1 µs more than from the wire core.
 """
 
 from __future__ import annotations
@@ -24,13 +25,20 @@ import time
 from collections.abc import Callable
 
 from compression import quote  # bench/compression.py
-from fastws._zlib import ZLIB_VERSION, Deflater, Inflater
+from fastws import _zlib
 
-SETTINGS = [  # (level, window bits, memLevel, context takeover, what it is)
-    (6, 15, 8, False, "fastws default: shared stream, reset per message"),
-    (1, 15, 8, False, "the same at level 1"),
-    (6, 12, 5, False, "12-bit window, memLevel 5, reset per message"),
-    (6, 12, 5, True, "context takeover (python-websockets' settings)"),
+try:
+    from fastws import _zlibng
+except ImportError:  # built without cmake
+    _zlibng = None
+
+SETTINGS = [  # (module, level, window bits, memLevel, context takeover, what it is)
+    (_zlibng, 1, 15, 8, False, "fastws default: the shared stream, reset per message"),
+    (_zlibng, 6, 15, 8, False, "the same at level 6 (compression_level=6)"),
+    (_zlib, 1, 15, 8, False, "the system zlib's shared stream instead (a build without zlib-ng)"),
+    (_zlib, 6, 15, 8, False, "the same at level 6 (the default before zlib-ng)"),
+    (_zlib, 6, 12, 5, False, "12-bit window, memLevel 5, reset per message"),
+    (_zlib, 6, 12, 5, True, "context takeover (fastws and python-websockets' settings)"),
 ]
 
 
@@ -81,17 +89,22 @@ def main() -> None:
     rng = random.Random(7692)
     messages = [quote(rng, i).encode() for i in range(args.messages)]
     payload = sum(map(len, messages))
-    print(f"zlib {ZLIB_VERSION}, {args.messages} messages of {payload / len(messages):.0f} bytes on average")
-    for level, bits, mem_level, takeover, what in SETTINGS:
-        deflate = Deflater(level, bits, mem_level, takeover)
+    libraries = [m for m in (_zlibng, _zlib) if m is not None]
+    print(f"{', '.join(f'{m.__name__}: zlib {m.ZLIB_VERSION}' for m in libraries)}; "
+          f"{args.messages} messages of {payload / len(messages):.0f} bytes on average")
+    for module, level, bits, mem_level, takeover, what in SETTINGS:
+        if module is None:
+            continue
+        deflate = module.Deflater(level, bits, mem_level, takeover)
         seconds, compressed = per_message(lambda m, deflate=deflate: len(deflate(m)), messages, args.rounds)
-        print(f"{seconds * 1e6:6.2f} µs/message, ratio {payload / compressed:4.2f}  "
+        print(f"{seconds * 1e6:6.2f} µs/message, ratio {payload / compressed:4.2f}  {module.ZLIB_VERSION} "
               f"level {level}, {bits}-bit window, memLevel {mem_level}: {what}")
-    deflate = Deflater(6, 15, 8, False)
-    inflate = Inflater(15, 1 << 20, False)
-    sent = [deflate(m) for m in messages]
-    seconds, _ = per_message(lambda d: len(inflate(d)), sent, args.rounds)
-    print(f"{seconds * 1e6:6.2f} µs/message to inflate them (the shared stream, reset per message)")
+    sent = [_zlib.Deflater(6, 15, 8, False)(m) for m in messages]  # as a client compresses them
+    for module in libraries:
+        inflate = module.Inflater(15, 1 << 20, False)
+        seconds, _ = per_message(lambda d, inflate=inflate: len(inflate(d)), sent, args.rounds)
+        print(f"{seconds * 1e6:6.2f} µs/message to inflate them with {module.ZLIB_VERSION} "
+              f"(a shared stream, reset per message)")
     if args.others:
         for what, compress in others():
             seconds, compressed = per_message(compress, messages, args.rounds)

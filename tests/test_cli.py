@@ -218,6 +218,25 @@ async def test_bad_app_spec_is_one_clear_line(spawn, tmp_path: Path, spec: str) 
     assert output.startswith("fastws: ") and spec.split(":")[0] in output, output
 
 
+async def test_compression_level_option(spawn) -> None:
+    """--compression-level reaches the server (a compressing client gets its echo back), and a level
+    out of range is refused before anything starts."""
+    port = free_port()
+    proc = spawn("serve", "--port", str(port), "--compression", "--compression-level", "9")
+    await wait_ready(proc, port)
+    message = '{"type": "quote", "symbol": "NVDA", "bid": 412.17, "ask": 412.19} ' * 20
+    async with websockets.connect(f"ws://127.0.0.1:{port}/echo", compression="deflate") as ws:
+        assert ws.response.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
+        await ws.send(message)
+        assert await asyncio.wait_for(ws.recv(), 5) == message
+    proc.popen.send_signal(signal.SIGTERM)
+    assert await proc.wait(10) == 0, proc.output
+
+    bad = spawn("serve", "--port", str(free_port()), "--compression-level", "0")
+    code = await bad.wait(20)
+    assert code == 2 and "--compression-level" in bad.output and "Traceback" not in bad.output, bad.output
+
+
 async def test_port_in_use_is_one_clear_line(spawn) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

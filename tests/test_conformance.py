@@ -9,6 +9,8 @@ server closes TCP first).
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import struct
 import zlib
 from types import SimpleNamespace
@@ -803,6 +805,23 @@ async def test_deflate_no_context_takeover_is_honoured_by_server(start_server) -
             frame = await ws.recv_frame()
             assert frame.rsv == 4
             assert inflate(frame.payload) == msg  # a fresh inflater each time
+
+
+async def test_compression_level_reaches_the_wire(start_server) -> None:
+    """The default (no context takeover: level 1, zlib-ng's fixed codes) against compression_level=9:
+    the same message comes back smaller at 9, and both inflate on their own (a fresh inflater)."""
+    rng = random.Random(1)
+    text = json.dumps([{"symbol": rng.choice(["AAPL", "MSFT", "NVDA"]), "bid": round(rng.uniform(50, 900), 2),
+                        "size": rng.randrange(5000), "flags": ["realtime", "level1"]} for _ in range(40)]).encode()
+    sizes = []
+    for config in ({}, {"compression_level": 9}):
+        _, ws = await connect_deflate(start_server, **config)
+        async with ws:
+            await ws.send_frame(OP_TEXT, deflate(text), rsv1=True)
+            frame = await ws.recv_frame()
+            assert frame.rsv == 4 and inflate(frame.payload) == text
+            sizes.append(len(frame.payload))
+    assert sizes[1] < sizes[0] < len(text) // 2, sizes
 
 
 async def test_deflate_server_max_window_bits_is_echoed(start_server) -> None:

@@ -107,16 +107,19 @@ def test_zlib_inflates_our_output(bits: tuple[int, int], nct: tuple[bool, bool])
         assert inflater.decompress(server.compress(message) + TAIL) == message
 
 
-def test_window_8_output_fits_256_bytes() -> None:
-    # zlib can't compress with 8, so an agreed 8 is compressed with 9; zlib's deflate
-    # never reaches back more than 250 bytes then. Repeats at distances around 256
-    # across messages (context takeover) must inflate with a strict 8-bit window.
+@pytest.mark.parametrize("local_nct", [False, True], ids=["context-takeover", "shared-stream"])
+def test_window_8_output_fits_256_bytes(local_nct: bool) -> None:
+    # zlib can't compress with 8, so an agreed 8 is compressed with 9; zlib's deflate (and
+    # zlib-ng's, the shared stream) never reaches back more than 250 bytes then. Repeats at
+    # distances around 256 must inflate with a strict 8-bit window.
     rng = random.Random(8)
     vocabulary = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(20)]
-    ours = make(local_bits=8)
+    ours = make(local_bits=8, local_nct=local_nct)
     inflater = zlib.decompressobj(-8)
     for _ in range(30):
         message = b"".join(rng.choice(vocabulary) for _ in range(rng.randrange(0, 40)))
+        if local_nct:
+            inflater = zlib.decompressobj(-8)
         assert inflater.decompress(ours.compress(message) + TAIL) == message
     text = b"back-references still work with a small window. " * 20
     assert len(ours.compress(text)) < len(text) // 4
@@ -140,7 +143,44 @@ def test_context_takeover_shrinks_repeats() -> None:
     first_keep, second_keep = keep.compress(message), keep.compress(message)
     first_reset, second_reset = reset.compress(message), reset.compress(message)
     assert len(second_keep) < len(first_keep) // 2
-    assert first_reset == second_reset == first_keep
+    assert first_reset == second_reset  # each message from nothing: the same bytes every time
+    assert zlib.decompressobj(-15).decompress(second_reset + TAIL) == message
+
+
+def test_shared_streams_are_zlib_ng_where_it_was_built() -> None:
+    """setup.py builds vendor/zlib-ng whenever cmake is there (pyproject.toml asks for it): the
+    shared no-context-takeover streams are then zlib-ng's, the per-connection ones the system zlib's."""
+    import fastws.deflate as deflate
+
+    if os.environ.get("FASTWS_NO_ZLIB_NG") == "1":
+        pytest.skip("built with FASTWS_NO_ZLIB_NG=1")
+    from fastws import _zlib, _zlibng
+
+    assert deflate.SHARED_ZLIB_VERSION.endswith(".zlib-ng")
+    shared, own = make(local_nct=True, remote_nct=True), make()
+    assert isinstance(shared.compress, _zlibng.Deflater) and isinstance(shared.decompress, _zlibng.Inflater)
+    assert isinstance(own.compress, _zlib.Deflater) and isinstance(own.decompress, _zlib.Inflater)
+    assert not shared.holds_zlib_memory
+
+
+def test_compression_level_defaults_and_choice() -> None:
+    message = b'{"type": "quote", "symbol": "NVDA", "bid": 412.17, "ask": 412.19, "volume": 1234567} ' * 5
+    fast, own = make(local_nct=True), make()
+    assert (fast.level, own.level) == (1, 6)  # fast without context takeover, zlib's default with it
+    small = PerMessageDeflate(is_server=True, local_max_window_bits=15, remote_max_window_bits=15,
+                              local_no_context_takeover=True, remote_no_context_takeover=True, level=9)
+    assert small.level == 9
+    assert len(small.compress(message)) < len(fast.compress(message))  # the level trades CPU for bytes
+    for ours in (fast, small):
+        assert zlib.decompressobj(-15).decompress(ours.compress(message) + TAIL) == message
+    offer = [("client_max_window_bits", None)]
+    assert PerMessageDeflate.accept_offer(offer, DeflateOptions(enabled=True, level=4)).level == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("level", [0, 10, -1, 2.5, "6"])
+def test_compression_level_out_of_range_is_refused_clearly(level: object) -> None:
+    with pytest.raises(ValueError, match=r"compression level must be between 1 and 9"):
+        DeflateOptions(enabled=True, level=level)  # type: ignore[arg-type]
 
 
 def test_empty_message_encodings() -> None:

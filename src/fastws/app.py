@@ -48,6 +48,7 @@ class Config:
     compression_no_context_takeover: bool = True  # no zlib memory per connection: one shared stream
     compression_window_bits: int = 12  # with context takeover: each connection's window (both ways)
     compression_mem_level: int = 5  # with context takeover: zlib memLevel of each connection's compressor
+    compression_level: int | None = None  # 1..9; None: 1 without context takeover (fast), 6 with (README)
     trusted_proxies: Sequence[str] = ()  # addresses/networks whose forwarding headers we believe
     proxy_protocol: bool = False  # trusted proxies must start each connection with a PROXY v1/v2 header
     max_connections_per_ip: int = 0  # WebSocket sessions per client address (after proxies); 0 = no limit
@@ -81,7 +82,8 @@ class Config:
         self.deflate = DeflateOptions(
             enabled=self.compression, compress_threshold=self.compress_threshold,
             server_no_context_takeover=nct, client_no_context_takeover=nct,
-            server_max_window_bits=bits, client_max_window_bits=bits, mem_level=mem_level)
+            server_max_window_bits=bits, client_max_window_bits=bits, mem_level=mem_level,
+            level=self.compression_level)
         try:
             self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
         except ValueError as exc:

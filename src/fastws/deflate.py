@@ -23,6 +23,14 @@ try:
     from . import _zlib
 except ImportError:  # pragma: no cover - built without zlib headers (FASTWS_NO_ZLIB=1, Windows)
     _zlib = None  # type: ignore[assignment]
+try:
+    from . import _zlibng
+except ImportError:  # pragma: no cover - built without cmake (or FASTWS_NO_ZLIB_NG=1)
+    _zlibng = None  # type: ignore[assignment]
+# The streams that connections without context takeover share, one per setting per process:
+# zlib-ng's where it was built (see fastws._zlibng), else the system zlib's.
+_shared = _zlibng if _zlibng is not None and _zlib is not None else _zlib
+SHARED_ZLIB_VERSION = _shared.ZLIB_VERSION if _shared is not None else zlib.ZLIB_RUNTIME_VERSION
 
 __all__ = [
     "EXTENSION_NAME",
@@ -34,7 +42,11 @@ __all__ = [
 ]
 
 EXTENSION_NAME = "permessage-deflate"
-COMPRESS_LEVEL = 6  # zlib's default: a good ratio for chat/JSON at moderate CPU
+# Our compressor's default level: without context takeover every message starts from nothing, and
+# zlib-ng's level 1 (fixed Huffman codes) costs a third of level 6 on small messages at a lower ratio
+# (bench/deflate_cost.py); with context takeover the window carries the ratio, zlib's default fits.
+LEVEL_NO_CONTEXT_TAKEOVER = 1
+LEVEL_CONTEXT_TAKEOVER = 6
 _TAIL = b"\x00\x00\xff\xff"  # the empty stored block a sync flush ends with (RFC 7692 7.2.1)
 # RFC 7692 7.1.2: "8".."15" exactly, no leading zeros or signs.
 _WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
@@ -59,6 +71,7 @@ class DeflateOptions:
     client_no_context_takeover: bool = False  # if True always ask the client for it
     compress_threshold: int = 128  # messages shorter than this are sent uncompressed
     mem_level: int = 8  # zlib memLevel (1..9): compressor memory is about 2**(mem_level+9) + 2**(bits+2)
+    level: int | None = None  # our compressor's zlib level (1..9); None: 1 without context takeover, 6 with
 
     def __post_init__(self) -> None:
         for name in ("server_max_window_bits", "client_max_window_bits"):
@@ -66,6 +79,9 @@ class DeflateOptions:
                 raise ValueError(f"{name} must be between 8 and 15")
         if not 1 <= self.mem_level <= 9:
             raise ValueError("mem_level must be between 1 and 9")
+        if self.level is not None and not (isinstance(self.level, int) and 1 <= self.level <= 9):
+            raise ValueError(f"compression level must be between 1 and 9 (or None for the default), "
+                             f"not {self.level!r}")
         if self.compress_threshold < 0:
             raise ValueError("compress_threshold must be >= 0")
 
@@ -200,11 +216,12 @@ class PerMessageDeflate:
 
     ``local_*`` describes our compressor, ``remote_*`` the peer's (our inflater).
     ``compress`` and ``decompress`` are the callables the wire core uses.  With
-    the C zlib streams (fastws._zlib), a direction without context takeover uses
-    the process's shared stream for its settings, reset before each message:
-    the connection holds no zlib memory at all.  With context takeover the
-    connection owns its stream, made on first use (about 64 KiB with the
-    default 12-bit windows and memLevel 5; see the README).  Without fastws._zlib
+    the C zlib streams, a direction without context takeover uses the process's
+    shared stream for its settings (zlib-ng's, fastws._zlibng, where it was
+    built), reset before each message: the connection holds no zlib memory at
+    all.  With context takeover the connection owns its stream (the system
+    zlib's, fastws._zlib), made on first use (about 64 KiB with the default
+    12-bit windows and memLevel 5; see the README).  Without fastws._zlib
     (a build without zlib headers) Python's zlib objects do the same, made per
     message when there is no context takeover.
     """
@@ -216,6 +233,7 @@ class PerMessageDeflate:
         "local_no_context_takeover",
         "remote_no_context_takeover",
         "mem_level",
+        "level",
         "compress_threshold",
         "max_message_size",
         "compress",
@@ -232,6 +250,7 @@ class PerMessageDeflate:
         local_no_context_takeover: bool,
         remote_no_context_takeover: bool,
         mem_level: int = 8,
+        level: int | None = None,
         compress_threshold: int = 128,
         max_message_size: int = 1 << 20,
     ) -> None:
@@ -243,6 +262,9 @@ class PerMessageDeflate:
         self.local_no_context_takeover = local_no_context_takeover
         self.remote_no_context_takeover = remote_no_context_takeover
         self.mem_level = mem_level
+        if level is None:
+            level = LEVEL_NO_CONTEXT_TAKEOVER if local_no_context_takeover else LEVEL_CONTEXT_TAKEOVER
+        self.level = level
         self.compress_threshold = compress_threshold
         self.max_message_size = max_message_size  # 0 = unlimited
         self._params: str | None = None  # negotiated response, when built by accept_offer()
@@ -250,21 +272,21 @@ class PerMessageDeflate:
         local_bits, remote_bits = max(9, local_max_window_bits), max(9, remote_max_window_bits)
         self.compress: Any
         self.decompress: Any
-        if _zlib is None:
-            self.compress = _PyDeflater(local_bits, mem_level, not local_no_context_takeover)
+        if _zlib is None or _shared is None:
+            self.compress = _PyDeflater(level, local_bits, mem_level, not local_no_context_takeover)
             self.decompress = _PyInflater(remote_bits, max_message_size, not remote_no_context_takeover)
         else:
-            self.compress = (_zlib.shared_deflater(COMPRESS_LEVEL, local_bits, mem_level)
+            self.compress = (_shared.shared_deflater(level, local_bits, mem_level)
                              if local_no_context_takeover
-                             else _zlib.Deflater(COMPRESS_LEVEL, local_bits, mem_level, True))
-            self.decompress = (_zlib.shared_inflater(remote_bits, max_message_size)
+                             else _zlib.Deflater(level, local_bits, mem_level, True))
+            self.decompress = (_shared.shared_inflater(remote_bits, max_message_size)
                                if remote_no_context_takeover
                                else _zlib.Inflater(remote_bits, max_message_size, True))
 
     def __repr__(self) -> str:
         role = "server" if self.is_server else "client"
         return (
-            f"<PerMessageDeflate {role} local_bits={self.local_max_window_bits} "
+            f"<PerMessageDeflate {role} level={self.level} local_bits={self.local_max_window_bits} "
             f"remote_bits={self.remote_max_window_bits} "
             f"local_no_ctx={self.local_no_context_takeover} remote_no_ctx={self.remote_no_context_takeover}>"
         )
@@ -340,6 +362,7 @@ class PerMessageDeflate:
             local_no_context_takeover=server_nct,
             remote_no_context_takeover=client_nct,
             mem_level=options.mem_level,
+            level=options.level,
             compress_threshold=options.compress_threshold,
             max_message_size=max_message_size,
         )
@@ -401,17 +424,17 @@ def _format_response(
 
 
 class _PyDeflater:
-    __slots__ = ("bits", "mem_level", "takeover", "_stream")
+    __slots__ = ("level", "bits", "mem_level", "takeover", "_stream")
 
-    def __init__(self, bits: int, mem_level: int, takeover: bool) -> None:
-        self.bits, self.mem_level, self.takeover = bits, mem_level, takeover
+    def __init__(self, level: int, bits: int, mem_level: int, takeover: bool) -> None:
+        self.level, self.bits, self.mem_level, self.takeover = level, bits, mem_level, takeover
         self._stream: Any = None
 
     def __call__(self, payload: str | bytes | bytearray | memoryview) -> bytes:
         """Deflate one whole message; the trailing 00 00 ff ff is removed (RFC 7692 7.2.1)."""
         if isinstance(payload, str):
             payload = payload.encode()
-        stream = self._stream or zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -self.bits, self.mem_level)
+        stream = self._stream or zlib.compressobj(self.level, zlib.DEFLATED, -self.bits, self.mem_level)
         data = stream.compress(payload) + stream.flush(zlib.Z_SYNC_FLUSH)
         self._stream = stream if self.takeover else None
         return data[:-4] or b"\x00"
