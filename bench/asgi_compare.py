@@ -43,7 +43,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchutil import cpu_model  # bench/benchutil.py
+from benchutil import cpu_model, write_section  # bench/benchutil.py
 
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / "servers"
@@ -308,19 +308,6 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS_MD) -> None:
-    """Put our section into RESULTS.md: replace it if there, else append; nothing else changes."""
-    title = text.partition("\n")[0]
-    old = path.read_text() if path.exists() else ""
-    start = old.find(title + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text
-    else:
-        end = old.find("\n## ", start + len(title))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    path.write_text(new)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 round, 1.5 s windows")
@@ -358,7 +345,7 @@ def main() -> int:
     print()
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, RESULTS_MD)
         print(f"wrote the section to {RESULTS_MD}")
     return 1 if summary["errors"] else 0
 

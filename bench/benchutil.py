@@ -74,3 +74,17 @@ def callgrind_instructions(serve_args: list[str], drive: Callable[[int], None]) 
     if found is None:
         raise RuntimeError("no instruction count in callgrind's output")
     return int(found.group(1))
+
+
+def write_section(text: str, path: Path) -> None:
+    """Put a "## ..." section into a markdown report (bench/RESULTS.md): replace the section with the
+    same title if there, else append; nothing else changes."""
+    title = text.partition("\n")[0]
+    old = path.read_text() if path.exists() else ""
+    start = old.find(title + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + text
+    else:
+        end = old.find("\n## ", start + len(title))
+        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
+    path.write_text(new)

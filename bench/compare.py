@@ -645,7 +645,8 @@ def write_markdown(summary: dict[str, Any], out: Path, command: str) -> None:
     out.write_text("\n".join(lines) + kept_sections(out))
 
 
-KEPT_PREFIXES = ("## ASGI:",)  # sections other tools write into RESULTS.md (bench/asgi_compare.py)
+# sections other tools write into RESULTS.md (bench/asgi_compare.py, bench/compression.py)
+KEPT_PREFIXES = ("## ASGI:", "## Compression:")
 
 
 def kept_sections(path: Path) -> str:

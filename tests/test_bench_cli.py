@@ -334,3 +334,23 @@ def test_the_connections_bench_warns_of_a_small_established_connection_table():
     assert established_hash_warning(1_000_000, True, None) is None  # a kernel that does not say
     buckets = established_hash_buckets()
     assert buckets is None or buckets > 0
+
+
+def test_sections_other_tools_write_survive_a_compare_rewrite(tmp_path, monkeypatch):
+    """bench/compression.py and bench/asgi_compare.py put their sections into RESULTS.md; a second
+    write replaces the section, and compare.py's own rewrite carries both over unchanged."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from benchutil import write_section
+    from compare import kept_sections
+
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# fastws vs peers\n\n## Messages/s\n\n| a |\n")
+    write_section("## Compression: deflate\n\nold\n", report)
+    write_section("## ASGI: uvicorn\n\nasgi\n", report)
+    write_section("## Compression: deflate\n\nnew\n", report)
+    text = report.read_text()
+    assert text.count("## Compression:") == 1 and "new" in text and "old" not in text
+    assert text.index("## Messages/s") < text.index("## Compression:") < text.index("## ASGI:")
+    kept = kept_sections(report)
+    assert "## Compression: deflate\n\nnew" in kept and "## ASGI: uvicorn\n\nasgi" in kept
+    assert "## Messages/s" not in kept
