@@ -23,8 +23,9 @@ Groups (each compares implementations side by side on the same input):
         fastws.accept_key vs base64(hashlib.sha1(key + GUID)). extra_info: keys/s.
     deflate-400B-json / inflate-400B-json
         permessage-deflate of 200 ~400-byte JSON quotes (bench/compression.py's messages), one
-        message at a time: fastws's shared stream reset per message (the no-context-takeover default)
-        and its own stream with context takeover (12-bit window, memLevel 5), against Python's zlib
+        message at a time: fastws's shared stream reset per message (the no-context-takeover default:
+        zlib-ng at level 1 where built; also at level 6) and its own stream with context takeover
+        (the system zlib, 12-bit window, memLevel 5), against Python's zlib
         objects used the two ways peers use them -- a fresh stream per message (no context takeover)
         and one kept stream (context takeover, python-websockets' settings) -- and python-websockets'
         own PerMessageDeflate.  extra_info: µs/message and the compression ratio.
@@ -262,6 +263,15 @@ def _set_us_per_message(benchmark, messages: int) -> None:
         benchmark.extra_info["µs/message"] = round(mean / messages * 1e6, 2)
 
 
+def _shared_streams(level: int | None = None):
+    """What a connection without context takeover compresses and inflates with (fastws.deflate's
+    choice: zlib-ng's shared streams where built, at the default level unless told)."""
+    from fastws.deflate import PerMessageDeflate
+
+    return PerMessageDeflate(is_server=True, local_max_window_bits=15, remote_max_window_bits=15,
+                             local_no_context_takeover=True, remote_no_context_takeover=True, level=level)
+
+
 def _deflaters():
     import zlib
 
@@ -269,7 +279,8 @@ def _deflaters():
 
     kept = zlib.compressobj(6, zlib.DEFLATED, -12, 5)
     impls = {
-        "fastws-shared": _zlib.shared_deflater(6, 15, 8),
+        "fastws-shared": _shared_streams().compress,
+        "fastws-shared-level6": _shared_streams(6).compress,
         "fastws-takeover": _zlib.Deflater(6, 12, 5, True),
         "zlib-fresh-per-message": _zlib_fresh,
         "zlib-kept": lambda m: (kept.compress(m) + kept.flush(zlib.Z_SYNC_FLUSH))[:-4],
@@ -286,8 +297,8 @@ def _deflaters():
 
 
 @pytest.mark.skipif(not QUOTES, reason="needs websockets (bench/compression.py)")
-@pytest.mark.parametrize("impl", ["fastws-shared", "fastws-takeover", "zlib-fresh-per-message", "zlib-kept",
-                                  "websockets"])
+@pytest.mark.parametrize("impl", ["fastws-shared", "fastws-shared-level6", "fastws-takeover",
+                                  "zlib-fresh-per-message", "zlib-kept", "websockets"])
 def test_deflate(benchmark, impl):
     deflate = _deflaters().get(impl)
     if deflate is None:  # pragma: no cover
@@ -319,7 +330,7 @@ def _inflaters():
         inflate = _zlib.Inflater(12, 1 << 20, True)
         return [inflate(d) for d in kept_data]
 
-    shared = _zlib.shared_inflater(15, 1 << 20)
+    shared = _shared_streams().decompress
     return {
         "fastws-shared": lambda: [shared(d) for d in fresh],
         "fastws-takeover": fastws_kept_run,

@@ -151,11 +151,12 @@ def main() -> None:
         print(f"{r['server']:17} {r['server_cpu_us_per_message']:>10} {r['wire_bytes_per_message']:>10} "
               f"{r['ratio']:>6} {r['msgs_per_s']:>9,}  {notes[r['server']]}")
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
+              "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, kernel {platform.release()}",
               "python": platform.python_version(), "websockets": websockets.__version__,
               "aiohttp": aiohttp_version(),
               "zlib": {"shared streams": SHARED_ZLIB_VERSION, "system": zlib.ZLIB_RUNTIME_VERSION},
-              "command": " ".join(["python", *sys.argv]), "message_bytes": sum(map(len, messages)) / len(messages),
+              "command": " ".join(["python", "bench/compression.py", *sys.argv[1:]]),
+              "message_bytes": sum(map(len, messages)) / len(messages),
               "rows": rows}
     out = HERE / "results" / "compression.json"
     out.parent.mkdir(exist_ok=True)
@@ -181,6 +182,8 @@ def markdown(result: dict, notes: dict[str, str]) -> str:
         "(user + system) and bytes written per message; ratio: payload bytes over bytes on the wire.",
         "- The client is the limit (it compresses in Python's zlib), so every figure includes the server's "
         "wake-ups while it waits; `x aiohttp`: CPU per message over aiohttp's in the same run.",
+        "- The compression work alone, without sockets (what the shared streams cost per message, by library "
+        "and level): `taskset -c 1 python bench/deflate_cost.py`.",
         "",
         "| server | CPU µs/msg | CPU x aiohttp | wire B/msg | ratio | msgs/s | settings |",
         "|---|---|---|---|---|---|---|",

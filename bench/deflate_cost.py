@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What compressing one ~400-byte JSON message on its own costs, by zlib setting (no sockets).
 
-    python bench/deflate_cost.py [--messages 2000] [--rounds 5] [--others]
+    python bench/deflate_cost.py [--messages 2000] [--rounds 5] [--others] [--quotes-per-message 1]
 
 Runs fastws's streams over the messages bench/compression.py sends and prints microseconds per
 message and the ratio for each setting: the system zlib's (fastws._zlib: reset between messages,
@@ -13,6 +13,8 @@ that is where the time goes.  It also prints what inflating such a message costs
 when they are installed: libdeflate (Debian's libdeflate0, through ctypes, one persistent
 compressor) and the zlib-ng Python package (a fresh stream per message: its API has no reset).
 Those go through Python bindings, so each call costs ~1 µs more than from the wire core.
+--quotes-per-message N makes each message a JSON array of N quotes (64: about 24 KiB), to see what
+the levels do to bigger messages.
 """
 
 from __future__ import annotations
@@ -85,9 +87,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--others", action="store_true", help="also libdeflate and zlib-ng, if installed")
+    parser.add_argument("--quotes-per-message", type=int, default=1, metavar="N",
+                        help="each message a JSON array of N quotes (default: one quote, ~400 bytes)")
     args = parser.parse_args()
     rng = random.Random(7692)
-    messages = [quote(rng, i).encode() for i in range(args.messages)]
+    n = args.quotes_per_message
+    if n == 1:
+        messages = [quote(rng, i).encode() for i in range(args.messages)]
+    else:
+        messages = [f"[{','.join(quote(rng, i * n + j) for j in range(n))}]".encode() for i in range(args.messages)]
     payload = sum(map(len, messages))
     libraries = [m for m in (_zlibng, _zlib) if m is not None]
     print(f"{', '.join(f'{m.__name__}: zlib {m.ZLIB_VERSION}' for m in libraries)}; "
