@@ -223,7 +223,7 @@ class Hub:
             if deflate is None:
                 session.send_frame(plain)
             elif deflate.local_no_context_takeover:
-                key = (deflate.local_max_window_bits, deflate.mem_level, deflate.compress_threshold)
+                key = (deflate.local_max_window_bits, deflate.mem_level, deflate.level, deflate.compress_threshold)
                 frame = frames.get(key)
                 if frame is None:
                     frame = frames[key] = _frame_for(message, deflate)
