@@ -249,15 +249,25 @@ def test_c_streams_match_python_zlib(takeover: bool) -> None:
         assert inflater(theirs.compress(message) + theirs.flush(zlib.Z_SYNC_FLUSH)[:-4]) == message, i
 
 
-def test_c_inflater_stops_a_bomb_at_the_limit() -> None:
+def _stream_modules() -> list:
+    """The C stream modules this build has: the system zlib's, and zlib-ng's (the shared streams)."""
     from fastws import _zlib
 
+    try:
+        from fastws import _zlibng
+    except ImportError:  # built with FASTWS_NO_ZLIB_NG=1 (test_shared_streams_are_zlib_ng... says so)
+        return [_zlib]
+    return [_zlib, _zlibng]
+
+
+@pytest.mark.parametrize("module", _stream_modules(), ids=lambda m: m.__name__)
+def test_c_inflater_stops_a_bomb_at_the_limit(module) -> None:  # type: ignore[no-untyped-def]
     bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
     wire = bomb.compress(bytes(100 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)  # 100 MiB of zeros, ~100 KB
-    inflater = _zlib.Inflater(15, 1 << 20, False)
+    inflater = module.Inflater(15, 1 << 20, False)
     with pytest.raises(PayloadTooBig):
         inflater(wire[:-4])
-    assert inflater(_zlib.Deflater()(b"still works")) == b"still works"  # reset after the refusal
+    assert inflater(module.Deflater()(b"still works")) == b"still works"  # reset after the refusal
     with pytest.raises(ProtocolError) as info:
         inflater(b"\xff\xfe\xfd not deflate")
     assert info.value.code == 1002
@@ -283,9 +293,10 @@ def bomb() -> bytes:
     return b"".join(parts)[:-4]
 
 
-def test_decompression_bomb_is_cheap(bomb: bytes) -> None:
+@pytest.mark.parametrize("remote_nct", [False, True], ids=["own-stream", "shared-stream"])
+def test_decompression_bomb_is_cheap(bomb: bytes, remote_nct: bool) -> None:
     assert len(bomb) < 1 << 20
-    ours = make(max_message_size=1 << 20)
+    ours = make(max_message_size=1 << 20, remote_nct=remote_nct)
     tracemalloc.start()
     start = time.perf_counter()
     try:
@@ -332,13 +343,49 @@ def test_limit_applies_per_message_with_context() -> None:
         b"\x04\xff\xff\xff\xff\xff\xff",  # dynamic block with impossible code lengths
     ],
 )
-def test_corrupt_data_is_a_protocol_error(payload: bytes) -> None:
-    ours = make()
+@pytest.mark.parametrize("remote_nct", [False, True], ids=["own-stream", "shared-stream"])
+def test_corrupt_data_is_a_protocol_error(payload: bytes, remote_nct: bool) -> None:
+    ours = make(remote_nct=remote_nct)
     with pytest.raises(ProtocolError) as info:
         ours.decompress(payload)
     assert info.value.code == CloseCode.PROTOCOL_ERROR
     assert "invalid compressed data" in info.value.reason
     assert not isinstance(info.value, PayloadTooBig)
+    assert ours.decompress(make().compress(b"next message")) == b"next message"
+
+
+@pytest.mark.parametrize("module", _stream_modules(), ids=lambda m: m.__name__)
+def test_mangled_compressed_data_never_gets_past_the_inflater(module) -> None:  # type: ignore[no-untyped-def]
+    """Valid messages with bytes flipped, cut or spliced: each one inflates to something within the
+    limit, or is refused with 1002 or 1009 -- never a crash, never more than the limit -- and the
+    shared stream serves the next message as if nothing had happened."""
+    rng = random.Random(1002)
+    inflater = module.Inflater(15, 4096, False)
+    deflate = module.Deflater(1, 15, 8, False)
+    sources = [m for m in MESSAGES if len(m) <= 4096] + [bytes(3000), b"abc" * 1000]
+    outcomes = {"inflated": 0, "refused": 0}
+    for i in range(3000):
+        wire = bytearray(zlib.compressobj(rng.choice([1, 6, 9]), zlib.DEFLATED, -15).compress(rng.choice(sources))
+                         if i % 2 else deflate(rng.choice(sources)))
+        for _ in range(rng.randrange(1, 4)):
+            kind = rng.randrange(3)
+            if kind == 0 and wire:
+                wire[rng.randrange(len(wire))] ^= 1 << rng.randrange(8)
+            elif kind == 1:
+                del wire[rng.randrange(len(wire) + 1):]
+            else:
+                wire[rng.randrange(len(wire) + 1):0] = rng.randbytes(rng.randrange(1, 8))
+        try:
+            out = inflater(bytes(wire))
+        except ProtocolError as exc:  # PayloadTooBig is one (1009)
+            assert exc.code in (CloseCode.PROTOCOL_ERROR, CloseCode.MESSAGE_TOO_BIG), exc
+            outcomes["refused"] += 1
+        else:
+            assert len(out) <= 4096
+            outcomes["inflated"] += 1
+        probe = sources[i % len(sources)]
+        assert inflater(deflate(probe)) == probe
+    assert min(outcomes.values()) > 100, outcomes  # both kinds were exercised
 
 
 # ---------------------------------------------------------------------------
