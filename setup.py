@@ -5,7 +5,9 @@ FASTWS_TRACE=1 builds with line tracing (for profilers; slow);
 FASTWS_NO_ZLIB_NG=1 skips building zlib-ng (the shared compression streams then use the system zlib).
 """
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,12 +43,16 @@ def build_zlib_ng():
             print("fastws: no cmake, so no zlib-ng: shared compression streams use the system zlib", file=sys.stderr)
             return None
     source = HERE / "vendor" / "zlib-ng"
-    build = HERE / "build" / f"zlib-ng-{sysconfig.get_platform()}"
+    options = ["-DCMAKE_BUILD_TYPE=Release", "-DZLIB_COMPAT=ON", "-DZLIB_SYMBOL_PREFIX=fastws_zng_",
+               "-DBUILD_SHARED_LIBS=OFF", "-DBUILD_TESTING=OFF", "-DWITH_GZFILEOP=OFF", "-DWITH_REDUCED_MEM=ON",
+               "-DCMAKE_POSITION_INDEPENDENT_CODE=ON"]
+    # a build directory per zlib-ng version and set of options: changing either builds afresh
+    version = re.search(r'#define ZLIBNG_VERSION "([^"]+)"', (source / "zlib-ng.h.in").read_text()).group(1)
+    tag = hashlib.sha1(" ".join([version, *options]).encode()).hexdigest()[:10]
+    build = HERE / "build" / f"zlib-ng-{version}-{sysconfig.get_platform()}-{tag}"
     library = build / "libz.a"
     if not library.exists():
-        configure = [cmake, "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                     "-DZLIB_COMPAT=ON", "-DZLIB_SYMBOL_PREFIX=fastws_zng_", "-DBUILD_SHARED_LIBS=OFF",
-                     "-DBUILD_TESTING=OFF", "-DWITH_GZFILEOP=OFF", "-DWITH_REDUCED_MEM=ON", "-DCMAKE_POSITION_INDEPENDENT_CODE=ON"]
+        configure = [cmake, "-S", str(source), "-B", str(build), *options]
         try:
             subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
             subprocess.run([cmake, "--build", str(build), "--config", "Release", "--target", "zlib-ng",
