@@ -231,6 +231,11 @@ async def test_compression_level_option(spawn) -> None:
         assert await asyncio.wait_for(ws.recv(), 5) == message
     proc.popen.send_signal(signal.SIGTERM)
     assert await proc.wait(10) == 0, proc.output
+    # the start-up log says what compression costs and which zlib does it
+    from fastws.deflate import SHARED_ZLIB_VERSION
+
+    assert (f"permessage-deflate without context takeover: one shared stream per process "
+            f"(zlib {SHARED_ZLIB_VERSION}, level 9)") in proc.output, proc.output
 
     bad = spawn("serve", "--port", str(free_port()), "--compression-level", "0")
     code = await bad.wait(20)

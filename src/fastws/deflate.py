@@ -86,6 +86,18 @@ class DeflateOptions:
             raise ValueError("compress_threshold must be >= 0")
 
 
+def describe(options: DeflateOptions) -> str:
+    """One line for the server's start-up log: what compression costs and which zlib does it."""
+    if options.server_no_context_takeover:
+        level = LEVEL_NO_CONTEXT_TAKEOVER if options.level is None else options.level
+        return (f"permessage-deflate without context takeover: one shared stream per process "
+                f"(zlib {SHARED_ZLIB_VERSION}, level {level}), no zlib memory per connection")
+    level = LEVEL_CONTEXT_TAKEOVER if options.level is None else options.level
+    own = _zlib.ZLIB_VERSION if _zlib is not None else zlib.ZLIB_RUNTIME_VERSION
+    return (f"permessage-deflate with context takeover: each connection's own streams (zlib {own}, level "
+            f"{level}, {options.server_max_window_bits}-bit windows, memLevel {options.mem_level}), made on first use")
+
+
 # ---------------------------------------------------------------------------
 # Sec-WebSocket-Extensions grammar (RFC 6455 section 9.1)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from fastws.app import App, Config
+from fastws.deflate import describe as describe_deflate
 from fastws.errors import CloseCode, ProtocolError
 from fastws.http import HttpProtocol
 from fastws.keepalive import Keepalive
@@ -369,6 +370,8 @@ async def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, config: 
     addresses = await server.listen(host, port, reuse_port=reuse_port, ssl=ssl)
     scheme = "https" if ssl is not None else "http"
     log.info("fastws %d listening on %s", os.getpid(), ", ".join(f"{scheme}://{h}:{p}" for h, p in addresses))
+    if server.config.deflate.enabled:
+        log.info("fastws %d: %s", os.getpid(), describe_deflate(server.config.deflate))
     if ready:
         ready(addresses)
     await stop.wait()
