@@ -47,6 +47,13 @@ EXTENSION_NAME = "permessage-deflate"
 # (bench/deflate_cost.py); with context takeover the window carries the ratio, zlib's default fits.
 LEVEL_NO_CONTEXT_TAKEOVER = 1
 LEVEL_CONTEXT_TAKEOVER = 6
+
+
+def compress_level(level: int | None, no_context_takeover: bool) -> int:
+    """The level our compressor uses: the configured one, else the default for its kind of stream."""
+    if level is not None:
+        return level
+    return LEVEL_NO_CONTEXT_TAKEOVER if no_context_takeover else LEVEL_CONTEXT_TAKEOVER
 _TAIL = b"\x00\x00\xff\xff"  # the empty stored block a sync flush ends with (RFC 7692 7.2.1)
 # RFC 7692 7.1.2: "8".."15" exactly, no leading zeros or signs.
 _WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
@@ -88,14 +95,14 @@ class DeflateOptions:
 
 def describe(options: DeflateOptions) -> str:
     """One line for the server's start-up log: what compression costs and which zlib does it."""
+    shared = (f"one shared stream per process (zlib {SHARED_ZLIB_VERSION}, "
+              f"level {compress_level(options.level, True)})")
     if options.server_no_context_takeover:
-        level = LEVEL_NO_CONTEXT_TAKEOVER if options.level is None else options.level
-        return (f"permessage-deflate without context takeover: one shared stream per process "
-                f"(zlib {SHARED_ZLIB_VERSION}, level {level}), no zlib memory per connection")
-    level = LEVEL_CONTEXT_TAKEOVER if options.level is None else options.level
+        return f"permessage-deflate without context takeover: {shared}, no zlib memory per connection"
     own = _zlib.ZLIB_VERSION if _zlib is not None else zlib.ZLIB_RUNTIME_VERSION
     return (f"permessage-deflate with context takeover: each connection's own streams (zlib {own}, level "
-            f"{level}, {options.server_max_window_bits}-bit windows, memLevel {options.mem_level}), made on first use")
+            f"{compress_level(options.level, False)}, {options.server_max_window_bits}-bit windows, memLevel "
+            f"{options.mem_level}), made on first use; clients that ask for no context takeover get {shared}")
 
 
 # ---------------------------------------------------------------------------
@@ -274,9 +281,7 @@ class PerMessageDeflate:
         self.local_no_context_takeover = local_no_context_takeover
         self.remote_no_context_takeover = remote_no_context_takeover
         self.mem_level = mem_level
-        if level is None:
-            level = LEVEL_NO_CONTEXT_TAKEOVER if local_no_context_takeover else LEVEL_CONTEXT_TAKEOVER
-        self.level = level
+        self.level = level = compress_level(level, local_no_context_takeover)
         self.compress_threshold = compress_threshold
         self.max_message_size = max_message_size  # 0 = unlimited
         self._params: str | None = None  # negotiated response, when built by accept_offer()
@@ -284,7 +289,7 @@ class PerMessageDeflate:
         local_bits, remote_bits = max(9, local_max_window_bits), max(9, remote_max_window_bits)
         self.compress: Any
         self.decompress: Any
-        if _zlib is None or _shared is None:
+        if _zlib is None or _shared is None:  # (both or neither)
             self.compress = _PyDeflater(level, local_bits, mem_level, not local_no_context_takeover)
             self.decompress = _PyInflater(remote_bits, max_message_size, not remote_no_context_takeover)
         else:
