@@ -46,6 +46,10 @@ def build_zlib_ng():
     options = ["-DCMAKE_BUILD_TYPE=Release", "-DZLIB_COMPAT=ON", "-DZLIB_SYMBOL_PREFIX=fastws_zng_",
                "-DBUILD_SHARED_LIBS=OFF", "-DBUILD_TESTING=OFF", "-DWITH_GZFILEOP=OFF", "-DWITH_REDUCED_MEM=ON",
                "-DCMAKE_POSITION_INDEPENDENT_CODE=ON"]
+    if sys.platform == "darwin":  # cibuildwheel cross-builds x86_64 wheels on arm64: build what ARCHFLAGS asks for
+        archs = re.findall(r"-arch\s+(\S+)", os.environ.get("ARCHFLAGS", ""))
+        if archs:
+            options.append(f"-DCMAKE_OSX_ARCHITECTURES={';'.join(archs)}")
     # a build directory per zlib-ng version and set of options: changing either builds afresh
     version = re.search(r'#define ZLIBNG_VERSION "([^"]+)"', (source / "zlib-ng.h.in").read_text()).group(1)
     tag = hashlib.sha1(" ".join([version, *options]).encode()).hexdigest()[:10]
