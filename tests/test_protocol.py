@@ -22,12 +22,13 @@ from fastws.protocol import (
 class Recorder(WebSocketProtocol):
     """Records what the state machine asks for."""
 
-    __slots__ = ("did", "timers", *WebSocketProtocol.FIELDS)
+    __slots__ = ("did", "timers", "close_waits", *WebSocketProtocol.FIELDS)
 
     def __init__(self) -> None:
         self._init_protocol()
         self.did: list[tuple] = []
         self.timers: list[Timer] = []
+        self.close_waits = True  # what _close_transport answers: data still queued (or TLS)
 
     def _write_close(self, payload: bytes) -> None:
         self.did.append(("close frame", payload))
@@ -44,8 +45,9 @@ class Recorder(WebSocketProtocol):
     def _shutdown_write(self) -> None:
         self.did.append(("FIN",))
 
-    def _close_transport(self) -> None:
+    def _close_transport(self) -> bool:
         self.did.append(("close TCP",))
+        return self.close_waits
 
     def _abort_transport(self) -> None:
         self.did.append(("abort TCP",))
@@ -93,6 +95,16 @@ def test_peer_close_is_echoed_and_bounded(is_server: bool) -> None:
     assert p.connection_ended() and p._state == CLOSED and p.timers[0].cancelled
     assert p.closed_cleanly and p.close_code == 4000
     assert not p.connection_ended()  # once
+
+
+def test_a_server_close_that_ends_at_once_arms_no_deadline() -> None:
+    """Nothing queued on plain TCP: closing ends the connection now, so no timer is made (one per
+    closing connection saved); queued data (or TLS) keeps the deadline that bounds the wait."""
+    p = Shell(True)
+    p.close_waits = False
+    p.receive_close(1000, "")
+    assert ("close TCP",) in p.did and p.timers == []
+    assert p.connection_ended() and p.closed_cleanly
 
 
 def test_an_empty_close_frame_is_echoed_empty() -> None:

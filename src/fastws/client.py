@@ -387,9 +387,10 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
     def _shutdown_write(self) -> None:  # pragma: no cover - a client waits for the server's FIN instead
         pass
 
-    def _close_transport(self) -> None:
+    def _close_transport(self) -> bool:
         if self._transport is not None:
             self._transport.close()
+        return True
 
     def _abort_transport(self) -> None:
         if self._transport is not None:

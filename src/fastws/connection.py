@@ -287,9 +287,13 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         elif transport is not None:
             transport.close()  # TLS cannot half-close: its shutdown reads on until the peer answers
 
-    def _close_transport(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def _close_transport(self) -> bool:
+        transport = self.transport
+        if transport is None:
+            return False
+        waits = transport.get_write_buffer_size() > 0 or not _plain_tcp(transport)
+        transport.close()
+        return waits
 
     def _abort_transport(self) -> None:
         if self.transport is not None:

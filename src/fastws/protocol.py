@@ -109,8 +109,9 @@ class WebSocketProtocol:
         """Half-close (FIN after the queued data) where the transport can; else nothing."""
         raise NotImplementedError
 
-    def _close_transport(self) -> None:
-        """End TCP after the queued data has been written."""
+    def _close_transport(self) -> bool:
+        """End TCP after the queued data has been written; True if that may take a while (data
+        still queued for a peer that may never read it, a TLS shutdown), False if it ends now."""
         raise NotImplementedError
 
     def _abort_transport(self) -> None:
@@ -209,10 +210,13 @@ class WebSocketProtocol:
             self._close_sent = True
             self._sent_close = (code, "")
             self._write_close(b"" if code == CloseCode.NO_STATUS else int(code).to_bytes(2, "big"))
-        self._arm_deadline()
         if self.is_server:
-            self._close_transport()  # RFC 6455 7.1.1: the server closes TCP first
-        # a client waits for the server's FIN (receive_eof), within the deadline
+            # RFC 6455 7.1.1: the server closes TCP first; if that has to wait for the peer to take
+            # what is queued, the deadline bounds the wait (an empty plain-TCP buffer ends at once)
+            if self._close_transport():
+                self._arm_deadline()
+        else:
+            self._arm_deadline()  # a client waits for the server's FIN (receive_eof), within the deadline
 
     def receive_eof(self) -> None:
         """The peer half-closed its side of TCP."""

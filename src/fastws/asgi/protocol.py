@@ -423,10 +423,11 @@ class FastWSProtocol(WebSocketProtocol, asyncio.BufferedProtocol):
         elif transport is not None:
             transport.close()  # TLS cannot half-close
 
-    def _close_transport(self) -> None:
+    def _close_transport(self) -> bool:
         self._flush()
         if self._transport is not None:
             self._transport.close()
+        return True  # uvicorn's transport, which may be TLS: the deadline bounds the close
 
     def _abort_transport(self) -> None:
         if self._transport is not None:
