@@ -163,6 +163,30 @@ def test_shared_streams_are_zlib_ng_where_it_was_built() -> None:
     assert not shared.holds_zlib_memory
 
 
+def test_without_zlib_ng_the_shared_streams_are_the_system_zlibs() -> None:
+    """A build without cmake has no fastws._zlibng: fastws.deflate then shares the system zlib's
+    streams, at the same default level (checked in a fresh interpreter where the module is missing)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, zlib
+sys.modules["fastws._zlibng"] = None  # what a build without zlib-ng leaves: the import fails
+from fastws import _zlib, deflate
+assert deflate.SHARED_ZLIB_VERSION == _zlib.ZLIB_VERSION, deflate.SHARED_ZLIB_VERSION
+pmd = deflate.PerMessageDeflate(is_server=True, local_max_window_bits=15, remote_max_window_bits=15,
+                                local_no_context_takeover=True, remote_no_context_takeover=True)
+assert type(pmd.compress) is _zlib.Deflater and pmd.level == 1, (pmd.compress, pmd.level)
+message = b"the system zlib serves the shared streams " * 20
+wire = pmd.compress(message)
+assert zlib.decompressobj(-15).decompress(wire + b"\\x00\\x00\\xff\\xff") == message
+assert pmd.decompress(wire) == message
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_compression_level_defaults_and_choice() -> None:
     message = b'{"type": "quote", "symbol": "NVDA", "bid": 412.17, "ask": 412.19, "volume": 1234567} ' * 5
     fast, own = make(local_nct=True), make()
