@@ -224,10 +224,11 @@ def test_accepts_bytearray_and_memoryview() -> None:
     assert client.decompress(bytearray(server.compress(data))) == bytes(data)
 
 
-def test_final_block_from_peer_starts_a_new_stream() -> None:
+@pytest.mark.parametrize("remote_nct", [False, True], ids=["own-stream", "shared-stream"])
+def test_final_block_from_peer_starts_a_new_stream(remote_nct: bool) -> None:
     # RFC 7692 7.2.3.3: a sender may end a message with BFINAL set; the next message
     # is then a new deflate stream.
-    ours = make()
+    ours = make(remote_nct=remote_nct)
     for message in (b"first message" * 10, b"second message" * 10, b"third"):
         deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
         wire = deflater.compress(message) + deflater.flush(zlib.Z_FINISH)
