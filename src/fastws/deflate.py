@@ -28,8 +28,9 @@ try:
 except ImportError:  # pragma: no cover - built without cmake (or FASTWS_NO_ZLIB_NG=1)
     _zlibng = None  # type: ignore[assignment]
 # The streams that connections without context takeover share, one per setting per process:
-# zlib-ng's where it was built (see fastws._zlibng), else the system zlib's.
-_shared = _zlibng if _zlibng is not None and _zlib is not None else _zlib
+# zlib-ng's where it was built (see fastws._zlibng; setup.py builds it only beside _zlib), else the
+# system zlib's.
+_shared = _zlibng if _zlibng is not None else _zlib
 SHARED_ZLIB_VERSION = _shared.ZLIB_VERSION if _shared is not None else zlib.ZLIB_RUNTIME_VERSION
 
 __all__ = [
@@ -289,7 +290,7 @@ class PerMessageDeflate:
         local_bits, remote_bits = max(9, local_max_window_bits), max(9, remote_max_window_bits)
         self.compress: Any
         self.decompress: Any
-        if _zlib is None or _shared is None:  # (both or neither)
+        if _zlib is None:
             self.compress = _PyDeflater(level, local_bits, mem_level, not local_no_context_takeover)
             self.decompress = _PyInflater(remote_bits, max_message_size, not remote_no_context_takeover)
         else:
