@@ -86,9 +86,9 @@ if os.environ.get("FASTWS_NO_ZLIB") != "1" and sys.platform != "win32":
                                     extra_objects=[library], extra_link_args=hide,
                                     extra_compile_args=compile_args, define_macros=macros))
 
-# The client hot path of `fastws bench` (Linux: epoll).
-if sys.platform.startswith("linux"):
-    extensions.append(Extension("fastws.bench._loadgen", ["src/fastws/bench/_loadgen.pyx"],
+# The client hot path of `fastws bench` (Linux: epoll; zlib checks the echo of a compressed message).
+if sys.platform.startswith("linux") and os.environ.get("FASTWS_NO_ZLIB") != "1":
+    extensions.append(Extension("fastws.bench._loadgen", ["src/fastws/bench/_loadgen.pyx"], libraries=["z"],
                                 extra_compile_args=compile_args))
 
 setup(

@@ -212,6 +212,36 @@ def test_not_an_echo_endpoint_is_refused(demo_server):
     assert "echo" in proc.stderr
 
 
+def test_message_file_errors_are_clear(tmp_path, demo_server):
+    _, port = demo_server
+    url = f"ws://127.0.0.1:{port}/echo"
+    missing = bench("throughput", url, "--message-file", str(tmp_path / "nope.json"), "--quiet")
+    assert missing.returncode == 2 and "--message-file: cannot read" in missing.stderr
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9".encode("latin-1"))
+    text = bench("latency", url, "--message-file", str(latin), "--text", "--quiet")
+    assert text.returncode == 2 and "is not UTF-8 text (byte 3)" in text.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="aiohttp not installed")
+def test_compressed_throughput_against_a_peer_with_context_takeover(tmp_path):
+    # aiohttp answers the offer with context takeover on both sides: the engine's messages (each
+    # compressed alone) are still valid, and the checked echo is its compressor's first message.
+    port = _free_port()
+    proc = _start([sys.executable, str(REPO / "bench" / "servers" / "aiohttp_echo.py"), "--port", str(port),
+                   "--compression"], port)
+    try:
+        message = tmp_path / "m.json"
+        message.write_text('{"symbol": "AAPL", "bid": 189.5, "ask": 189.52, "seq": 1}' * 6)
+        data = run_json(tmp_path, "deflate", "throughput", f"ws://127.0.0.1:{port}/echo", "--compression",
+                        "--message-file", str(message), "--text", "-c", "2", "-d", "0.3", "-w", "0.1", "--quiet")
+    finally:
+        _stop(proc)
+    res = data["results"]
+    assert res["client_path"] == "native" and res["failures"] == {} and res["dropped"] == 0
+    assert res["messages"] > 0 and data["params"]["size"] == message.stat().st_size
+
+
 def test_bench_is_a_fastws_subcommand():
     from fastws.cli import main
 

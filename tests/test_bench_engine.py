@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,51 @@ async def test_throughput_echo_counts_match_the_server(start_server, tmp_path, s
     # --procs 2: two client processes, both carrying traffic.
     assert len(res["per_process"]) == 2 and all(p["messages"] > 0 for p in res["per_process"])
     assert len(res["client_cpu_percent"]) == 2 and res["server_cpu_percent"] is not None
+
+
+QUOTE = ('{"type": "quote", "seq": 12345, "symbol": "NVDA", "exchange": "NASDAQ", "currency": "USD", '
+         '"bid": 411.27, "ask": 411.29, "last": 411.28, "bid_size": 1234, "volume": 8812345, '
+         '"change_percent": -1.234, "flags": ["realtime", "level1"], "note": "\u00e9t\u00e9 \u2713"}')
+
+
+@pytest.mark.parametrize("context_takeover", [False, True])
+async def test_compressed_throughput_is_checked_and_counted(start_server, tmp_path, context_takeover):
+    # --compression on the engine: the message goes compressed (RSV1), the server inflates it to exactly
+    # the file's text, and the checked echo is inflated by the client before it is compared.
+    app, stats = counting_app()
+    _, port = await start_server(app, compression=True, compression_no_context_takeover=not context_takeover)
+    message = tmp_path / "quote.json"
+    message.write_text(QUOTE, encoding="utf-8")
+    res = await bench_json(tmp_path, "throughput", f"ws://127.0.0.1:{port}/echo", "--compression", "--text",
+                           "--message-file", str(message), "-c", "3", "-i", "4", "-d", "0.4", "-w", "0.1")
+    assert res["client_path"] == "native" and res["failures"] == {} and res["connections_opened"] == 3
+    assert res["sent_total"] == stats["received"] == res["received_total"] and res["dropped"] == 0
+    assert stats["bytes"] == stats["received"] * len(QUOTE)  # len(str): every message arrived as this text
+    assert res["messages"] > 0 and res["drained"]
+
+
+async def test_a_compressed_echo_that_differs_is_caught(start_server, tmp_path):
+    class Almost(Endpoint):
+        def on_message(self, message: str | bytes) -> None:
+            self.session.send(message[:-1] + "?")  # same length, compressed: only inflating tells
+
+    app = App()
+    app.route("/echo")(Almost)
+    _, port = await start_server(app, compression=True)
+    message = tmp_path / "quote.json"
+    message.write_text(QUOTE, encoding="utf-8")
+    code, _, stderr = await bench("throughput", f"ws://127.0.0.1:{port}/echo", "--compression", "--text",
+                                  "--message-file", str(message), "-c", "2", "-d", "0.2", "-w", "0", "--quiet")
+    assert code == 1 and "2 connection(s) did not get their message echoed back unchanged" in stderr
+
+
+async def test_compression_against_a_server_without_it_is_a_clear_error(start_server):
+    app, stats = counting_app()
+    _, port = await start_server(app)
+    code, _, stderr = await bench("throughput", f"ws://127.0.0.1:{port}/echo", "--compression", "-c", "2",
+                                  "-d", "0.2", "-w", "0", "--quiet")
+    assert code == 1 and "server declined permessage-deflate" in stderr
+    assert stats["received"] == 0  # no compressed frame reached a server that did not agree to them
 
 
 async def test_raw_throughput_counts_match_the_bytes_echoed(tmp_path):
@@ -298,8 +344,10 @@ class Scripted(asyncio.Protocol):
         else:
             if self.reply == "bad accept":
                 accept = base64.b64encode(b"x" * 20)
+            extension = b"Sec-WebSocket-Extensions: permessage-deflate\r\n" if self.reply == "deflate" else b""
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                                 b"Connection: Upgrade\r\n" + extension +
+                                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         self.upgraded.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -355,6 +403,55 @@ async def test_engine_parses_frames_split_anywhere_and_answers_pings_and_close()
         peer.transport.close()
         assert await client.wait(lambda: engine.live == 0, 10)
         assert engine.dropped == 1 and engine.closed_clean == 1
+    finally:
+        client.detach()
+        server.close()
+
+
+async def test_engine_inflates_a_checked_echo_split_over_reads_and_refuses_misplaced_rsv1():
+    server, protocols = await scripted_server("deflate")
+    port = server.sockets[0].getsockname()[1]
+    text = QUOTE * 3
+    engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"), payload=text, compression=True)
+    client = native.NativeClient(engine)
+    try:
+        engine.ramp(1)
+        assert await client.wait(lambda: engine.ramp_done, 10) and engine.live == 1
+        (peer,) = protocols
+        engine.start_check()
+        assert await client.wait(lambda: len(peer.buffer) > 0, 10)
+        # What the engine sent: one text frame with RSV1, inflating to the message.
+        assert peer.buffer[0] == 0xC1
+        (_, sent), = client_frames(peer.buffer)
+        assert zlib.decompressobj(-15).decompress(sent + b"\x00\x00\xff\xff") == text.encode()
+        deflated = native.deflate_message(text.encode())
+        reply = bytes([0xC1]) + server_frame(0x1, deflated)[1:]  # the echo, compressed (RSV1)
+        received = engine.bytes_received
+        for i in range(len(reply)):  # one byte per read: the compressed message is gathered, then inflated
+            peer.transport.write(reply[i : i + 1])
+            assert await client.wait(lambda r=received + i + 1: engine.bytes_received >= r, 10)
+        assert engine.checks_good == 1 and engine.checks_bad == 0
+        # RSV1 on a continuation frame is a protocol error even with the extension.
+        peer.transport.write(bytes([0x41]) + server_frame(0x1, b"x", fin=False)[1:]
+                             + bytes([0xC0]) + server_frame(0x0, b"y")[1:])
+        assert await client.wait(lambda: engine.live == 0, 10)
+        assert engine.protocol_errors == 1
+    finally:
+        client.detach()
+        server.close()
+
+
+async def test_engine_refuses_rsv1_without_the_extension():
+    server, protocols = await scripted_server()
+    port = server.sockets[0].getsockname()[1]
+    engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"))
+    client = native.NativeClient(engine)
+    try:
+        engine.ramp(1)
+        assert await client.wait(lambda: engine.ramp_done, 10) and engine.live == 1
+        protocols[0].transport.write(bytes([0xC1, 0x01, 0x78]))
+        assert await client.wait(lambda: engine.live == 0, 10)
+        assert engine.protocol_errors == 1 and engine.received == 0
     finally:
         client.detach()
         server.close()

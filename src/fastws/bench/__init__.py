@@ -6,7 +6,7 @@ each driving its connections with the Cython engine (``_loadgen.pyx``, run by
 ``native.py``: own non-blocking sockets on epoll, a C struct per connection,
 no Python call per message); the parent process only coordinates, shows
 progress and writes the summary and ``--json`` file.  ``legacy.py`` keeps the
-previous client (fastws.client) for wss://, --compression and
+previous client (fastws.client) for wss:// and
 --client-transport uvloop|aiofastnet.
 """
 

@@ -43,6 +43,7 @@ cdef extern from *:
     #include <netinet/tcp.h>
     #include <sys/epoll.h>
     #include <sys/socket.h>
+    #include <zlib.h>
 
     #ifndef IP_BIND_ADDRESS_NO_PORT
     #define IP_BIND_ADDRESS_NO_PORT 24
@@ -141,10 +142,42 @@ cdef extern from *:
         return z ^ (z >> 31);
     }
 
-    /* One masked client frame (FIN set) into out (room for n + 14 bytes); returns its length. */
-    static size_t lg_frame(uint8_t *out, int opcode, const uint8_t *payload, size_t n, const uint8_t *mask) {
+    /* 1 if the raw-deflate message z[:zn] (permessage-deflate: its 00 00 ff ff tail removed) inflates
+       to exactly expect[:n]; a fresh inflater each time, as the check's message is a connection's first. */
+    static int lg_inflates_to(const uint8_t *z, size_t zn, const uint8_t *expect, size_t n) {
+        static const uint8_t tail[4] = {0, 0, 0xff, 0xff};
+        uint8_t buf[4096];
+        z_stream zs;
+        size_t seen = 0;
+        int rc = Z_OK, ok = 1;
+        memset(&zs, 0, sizeof(zs));
+        if (inflateInit2(&zs, -15) != Z_OK) return 0;
+        for (int part = 0; part < 2 && ok && rc != Z_STREAM_END; part++) {
+            zs.next_in = (Bytef *)(part ? tail : z);
+            zs.avail_in = (uInt)(part ? 4 : zn);
+            do {
+                zs.next_out = buf;
+                zs.avail_out = sizeof(buf);
+                rc = inflate(&zs, Z_SYNC_FLUSH);
+                size_t got = sizeof(buf) - zs.avail_out;
+                if ((rc != Z_OK && rc != Z_STREAM_END && rc != Z_BUF_ERROR) || seen + got > n
+                        || memcmp(buf, expect + seen, got) != 0) {
+                    ok = 0;
+                    break;
+                }
+                seen += got;
+            } while (rc != Z_STREAM_END && (zs.avail_in > 0 || zs.avail_out == 0));
+        }
+        inflateEnd(&zs);
+        return ok && seen == n;
+    }
+
+    /* One masked client frame (FIN set; RSV1 too with rsv1: a compressed message) into out (room for
+       n + 14 bytes); returns its length. */
+    static size_t lg_frame(uint8_t *out, int opcode, const uint8_t *payload, size_t n, const uint8_t *mask,
+                           int rsv1) {
         size_t h = 0;
-        out[h++] = (uint8_t)(0x80 | opcode);
+        out[h++] = (uint8_t)(0x80 | (rsv1 ? 0x40 : 0) | opcode);
         if (n < 126) {
             out[h++] = (uint8_t)(0x80 | n);
         } else if (n < 65536) {
@@ -195,7 +228,8 @@ cdef extern from *:
     void lg_sha1(const uint8_t *data, size_t n, uint8_t *out)
     void lg_base64(const uint8_t *inp, size_t n, char *out)
     uint64_t lg_splitmix(uint64_t x)
-    size_t lg_frame(uint8_t *out, int opcode, const uint8_t *payload, size_t n, const uint8_t *mask)
+    size_t lg_frame(uint8_t *out, int opcode, const uint8_t *payload, size_t n, const uint8_t *mask, int rsv1)
+    int lg_inflates_to(const uint8_t *z, size_t zn, const uint8_t *expect, size_t n)
 
 
 # What the engine does with each whole message (set_mode).
@@ -224,6 +258,7 @@ cdef enum:
     F_CLOSE_RCVD = 64
     F_WANT_OUT = 128  # EPOLLOUT is registered
     F_CLOSE_OURS = 256  # this side started the closing handshake
+    F_COMPRESSED = 512  # the current message has RSV1 set (permessage-deflate)
 
 cdef enum:
     PREFIX = 128  # bytes of a broadcast message kept to find its timestamp
@@ -240,6 +275,7 @@ cdef enum:
     FAIL_CLOSED = 3  # EOF before the handshake completed
     FAIL_HTTP = 4
     FAIL_INVALID = 5  # not a valid 101 response
+    FAIL_NO_DEFLATE = 6  # a 101 without permessage-deflate, which this engine offered and must have
 
 cdef enum:
     STOP_NONE = 0
@@ -268,6 +304,8 @@ ctypedef struct Conn:
     int timed_slot  # 1 + its index in Engine.timed while it has a deadline, else 0
     uint8_t *stash  # allocated only while needed
     uint8_t *out  # bytes the kernel did not take yet
+    uint8_t *zcheck  # a compressed message being checked, gathered to inflate once whole
+    uint32_t zcheck_len
     uint32_t out_len
     uint32_t out_cap
     uint32_t out_frames  # pre-built frames still to send after out (from the shared block)
@@ -325,8 +363,9 @@ def accept_for(key):
     return out[:28].decode()
 
 
-def build_frame(int opcode, payload, bytes mask):
-    """One masked client frame (FIN set): the frames the engine pre-builds, for Python and the tests."""
+def build_frame(int opcode, payload, bytes mask, bint rsv1=False):
+    """One masked client frame (FIN set; RSV1 for a compressed payload): the frames the engine pre-builds,
+    for Python and the tests."""
     cdef bytes data = payload.encode() if isinstance(payload, str) else bytes(payload)
     cdef Py_ssize_t n = len(data)
     cdef bytearray out = bytearray(n + 14)
@@ -334,7 +373,7 @@ def build_frame(int opcode, payload, bytes mask):
     if len(mask) != 4:
         raise ValueError("mask must be 4 bytes")
     cdef size_t flen = lg_frame(o, opcode, <const uint8_t *>(<char *>data), n,
-                                <const uint8_t *>(<char *>mask))
+                                <const uint8_t *>(<char *>mask), rsv1)
     return bytes(out[:flen])
 
 
@@ -369,6 +408,8 @@ cdef class Engine:
     cdef uint8_t *payload
     cdef Py_ssize_t payload_len
     cdef bint big_messages  # payload_len >= BIG_MESSAGE: small reads for headers, payloads dropped
+    cdef readonly bint deflate  # permessage-deflate offered and required; frame is compressed (RSV1)
+    cdef Py_ssize_t zcheck_cap  # room for a compressed echo being checked
     cdef uint8_t *probe
     cdef Py_ssize_t probe_len
     cdef readonly int mode
@@ -445,12 +486,15 @@ cdef class Engine:
 
     def __init__(self, str host_ip, int port, *, bytes request=None, sources=(), int source_offset=0,
                  bytes mask=None, bytes frame=b"", bytes payload=b"", int inflight=1, bytes probe=b"",
-                 int max_fds=0,
+                 int max_fds=0, bint deflate=False,
                  Py_ssize_t read_buffer=1 << 20, double open_timeout=10.0, double close_timeout=5.0):
         """Connect to host_ip:port; ``request`` is the upgrade request (None: raw TCP) with the key
         written as 24 'K's.  ``mask``: the masking key of every frame (default: random);
         ``frame``: the data message, masked with it (raw: the bytes to send); ``payload``: what its
-        echo must contain; ``probe``: a small message for verify()."""
+        echo must contain; ``probe``: a small message for verify().  ``deflate``: the request offers
+        permessage-deflate and ``frame`` is compressed; a response without the extension fails the
+        connection, and the checked echo is inflated before it is compared (echoes otherwise are
+        counted, never inflated: the client's work stays per frame)."""
         cdef int i
         cdef bytes ip
         cdef bytes seed
@@ -497,6 +541,7 @@ cdef class Engine:
         if len(mask) != 4:
             raise ValueError("mask must be 4 bytes")
         memcpy(self.mask, <char *>mask, 4)
+        self.deflate = deflate and not self.raw
         self._set_plan(frame, payload, inflight)
         if probe:
             self.probe_len = len(probe)
@@ -520,6 +565,7 @@ cdef class Engine:
             for i in range(self.block_frames):
                 memcpy(self.block + i * self.frame_len, <char *>frame, self.frame_len)
         self.payload_len = len(payload)
+        self.zcheck_cap = self.payload_len + self.payload_len // 4 + 1024  # deflate's worst case, and more
         self.big_messages = self.payload_len >= BIG_MESSAGE
         if self.payload_len:
             self.payload = <uint8_t *>malloc(self.payload_len)
@@ -535,6 +581,7 @@ cdef class Engine:
                     close(fd)
                     free(self.conns[fd].stash)
                     free(self.conns[fd].out)
+                    free(self.conns[fd].zcheck)
             free(self.conns)
         if self.epfd >= 0:
             close(self.epfd)
@@ -738,7 +785,7 @@ cdef class Engine:
             head = self.run_mark + b"%d %d " % (self.published, lg_now_ns())
             hl = len(head)
             memcpy(self.pub_payload, <char *>head, hl)
-            flen = lg_frame(self.pub_frame, 1, self.pub_payload, self.pub_size, self.mask)
+            flen = lg_frame(self.pub_frame, 1, self.pub_payload, self.pub_size, self.mask, 0)
             memset(self.pub_payload, 120, hl)
             self._write_bytes(c, self.pub_frame, flen)
             self.published += 1
@@ -785,6 +832,8 @@ cdef class Engine:
             out["closed during handshake"] = self.fail_kind[FAIL_CLOSED]
         if self.fail_kind[FAIL_INVALID]:
             out["invalid handshake response"] = self.fail_kind[FAIL_INVALID]
+        if self.fail_kind[FAIL_NO_DEFLATE]:
+            out["server declined permessage-deflate"] = self.fail_kind[FAIL_NO_DEFLATE]
         return out
 
     def first_failure(self):
@@ -801,7 +850,8 @@ cdef class Engine:
         if kind == FAIL_HTTP:
             return f"HTTP {code}"
         return {FAIL_TIMEOUT: "timeout", FAIL_CLOSED: "closed during handshake",
-                FAIL_INVALID: "invalid handshake response"}[kind]
+                FAIL_INVALID: "invalid handshake response",
+                FAIL_NO_DEFLATE: "server declined permessage-deflate"}[kind]
 
     # ------------------------------------------------------------------ event loop
 
@@ -1051,20 +1101,26 @@ cdef class Engine:
         memcpy(data + 24, b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11", 36)
         lg_sha1(data, 60, digest)
         lg_base64(digest, 20, accept)
+        cdef bint accepted = False
+        cdef bint deflate = False
         line = 0
         while line < n:
-            if n - line > 21 + 28 and strncasecmp(<const char *>h + line, "sec-websocket-accept:", 21) == 0:
-                j = line + 21
-                while j < n and (h[j] == 32 or h[j] == 9):
-                    j += 1
-                if j + 28 <= n and memcmp(h + j, accept, 28) == 0:
-                    return 0
-                return FAIL_INVALID
             i = line
             while i + 1 < n and not (h[i] == 13 and h[i + 1] == 10):
                 i += 1
+            if i - line > 21 + 28 and strncasecmp(<const char *>h + line, "sec-websocket-accept:", 21) == 0:
+                j = line + 21
+                while j < i and (h[j] == 32 or h[j] == 9):
+                    j += 1
+                if j + 28 > i or memcmp(h + j, accept, 28) != 0:
+                    return FAIL_INVALID
+                accepted = True
+            elif i - line > 25 and strncasecmp(<const char *>h + line, "sec-websocket-extensions:", 25) == 0:
+                deflate = memmem(h + line, i - line, b"permessage-deflate", 18) != NULL
             line = i + 2
-        return FAIL_INVALID
+        if not accepted:
+            return FAIL_INVALID
+        return FAIL_NO_DEFLATE if self.deflate and not deflate else 0
 
     cdef void _opened(self, Conn *c, int64_t now) noexcept:
         self.in_progress -= 1
@@ -1116,6 +1172,7 @@ cdef class Engine:
         close(c.fd)  # also leaves the epoll set
         free(c.stash)
         free(c.out)
+        free(c.zcheck)
         memset(c, 0, sizeof(Conn))
 
     # ------------------------------------------------------------------ reading
@@ -1259,7 +1316,9 @@ cdef class Engine:
                     c.ctl_have += take
             else:
                 if c.flags & F_CHECK and take:
-                    if (c.msg_off + take > self.payload_len
+                    if c.flags & F_COMPRESSED:
+                        self._gather_check(c, p, take)
+                    elif (c.msg_off + take > self.payload_len
                             or memcmp(p, self.payload + c.msg_off, take) != 0):
                         c.flags |= F_CHECK_BAD
                 if self.mode == SUBSCRIBE:
@@ -1295,7 +1354,9 @@ cdef class Engine:
         cdef int opcode = b0 & 0x0F
         cdef uint64_t n = b1 & 0x7F
         cdef int i
-        if b1 & 0x80 or b0 & 0x70:  # masked server frame, or RSV bits without an extension
+        if b1 & 0x80 or b0 & (0x30 if self.deflate else 0x70):  # masked, or RSV bits no extension gives
+            return -1
+        if b0 & 0x40 and (opcode == 0 or opcode >= 8):  # RSV1 marks a message's first frame only
             return -1
         if n == 126:
             n = (<uint64_t>h[2] << 8) | h[3]
@@ -1312,10 +1373,25 @@ cdef class Engine:
             return -1
         elif opcode != 0:
             c.msg_off = 0  # a new message
+            c.flags = (c.flags | F_COMPRESSED) if b0 & 0x40 else (c.flags & ~F_COMPRESSED)
         c.opcode = <uint8_t>opcode
         c.remaining = <int64_t>n
         c.flags = (c.flags | F_IN_PAYLOAD | F_FIN) if b0 & 0x80 else ((c.flags | F_IN_PAYLOAD) & ~F_FIN)
         return 0
+
+    cdef void _gather_check(self, Conn *c, const uint8_t *p, Py_ssize_t n) noexcept:
+        """Keep this part of a compressed message being checked (inflated once whole, in _message)."""
+        if c.zcheck == NULL:
+            c.zcheck = <uint8_t *>malloc(self.zcheck_cap)
+            c.zcheck_len = 0
+            if c.zcheck == NULL:
+                c.flags |= F_CHECK_BAD
+                return
+        if c.zcheck_len + n > self.zcheck_cap:
+            c.flags |= F_CHECK_BAD  # bigger than any deflate of the payload: not its echo
+            return
+        memcpy(c.zcheck + c.zcheck_len, p, n)
+        c.zcheck_len += <uint32_t>n
 
     cdef bint _stash(self, Conn *c) noexcept:
         if c.stash == NULL:
@@ -1332,7 +1408,7 @@ cdef class Engine:
         if c.opcode == 9:  # ping: pong with the same payload
             self.pings += 1
             if not (c.flags & F_CLOSE_SENT):
-                flen = lg_frame(frame, 10, p, n, self.mask)
+                flen = lg_frame(frame, 10, p, n, self.mask, 0)
                 self._write_bytes(c, frame, flen)
         elif c.opcode == 10:
             self.pongs += 1
@@ -1357,7 +1433,7 @@ cdef class Engine:
             c.flags |= F_CLOSE_OURS
         body[0] = <uint8_t>(code >> 8)
         body[1] = <uint8_t>code
-        flen = lg_frame(frame, 8, body, 2, self.mask)
+        flen = lg_frame(frame, 8, body, 2, self.mask, 0)
         c.flags |= F_CLOSE_SENT
         self._write_bytes(c, frame, flen)
 
@@ -1369,6 +1445,13 @@ cdef class Engine:
         """A whole data message arrived: 1 if it is to be answered by an echo frame."""
         self.received += 1
         if c.flags & F_CHECK:
+            if c.flags & F_COMPRESSED:
+                if c.zcheck == NULL or not lg_inflates_to(c.zcheck, c.zcheck_len, self.payload, self.payload_len):
+                    c.flags |= F_CHECK_BAD
+                free(c.zcheck)
+                c.zcheck = NULL
+                c.zcheck_len = 0
+                c.msg_off = self.payload_len  # compared: the length test below is the inflater's
             if c.flags & F_CHECK_BAD or c.msg_off != self.payload_len:
                 self.checks_bad += 1
             else:

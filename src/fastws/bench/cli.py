@@ -126,7 +126,16 @@ def _add_common(p: argparse.ArgumentParser, mode: str) -> None:
             metavar="SECONDS",
             help="unmeasured time before the measurement (default 1)",
         )
-        p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
+        p.add_argument(
+            "--compression",
+            action="store_true",
+            help="offer permessage-deflate, require it and send the message compressed",
+        )
+        p.add_argument(
+            "--message-file",
+            metavar="FILE",
+            help="send FILE's contents as the message (its size replaces --size; --text: UTF-8 text)",
+        )
     if mode == "throughput":
         p.add_argument(
             "-i",
@@ -283,6 +292,28 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return bench
 
 
+def load_message_file(args: argparse.Namespace) -> str:
+    """--message-file: the message's bytes into args.message, its length into args.size; an error or ''."""
+    path = getattr(args, "message_file", None)
+    args.message = None
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            message = f.read()
+    except OSError as exc:
+        return f"--message-file: cannot read {path}: {exc.strerror}"
+    if not message:
+        return f"--message-file: {path} is empty"
+    if args.text:
+        try:
+            message.decode()
+        except UnicodeDecodeError as exc:
+            return f"--message-file: {path} is not UTF-8 text (byte {exc.start}), which --text sends"
+    args.message, args.size = message, len(message)
+    return ""
+
+
 def bench_command(args: argparse.Namespace) -> int:
     from fastws.bench.ui import UI
 
@@ -293,6 +324,10 @@ def bench_command(args: argparse.Namespace) -> int:
             setattr(args, name, {"size": 0, "warmup": 0.0, "inflight": 1}.get(name, False))
     if args.raw and args.compression:
         print("fastws bench: --raw and --compression exclude each other", file=sys.stderr)
+        return 2
+    error = load_message_file(args)
+    if error:
+        print(f"fastws bench {args.mode}: {error}", file=sys.stderr)
         return 2
     try:
         from fastws.bench.clients import set_transport

@@ -227,8 +227,10 @@ class Histogram:
         return h
 
 
-def payload_for(size: int, text: bool) -> str | bytes:
-    """The data message of the echo modes: ``size`` bytes, text or binary."""
+def payload_for(size: int, text: bool, message: bytes | None = None) -> str | bytes:
+    """The data message of the echo modes: ``message`` (--message-file) or ``size`` bytes, text or binary."""
+    if message is not None:
+        return message.decode() if text else message
     if text:
         return ("fastws" * (size // 6 + 1))[:size]
     pattern = bytes(range(256))
@@ -965,6 +967,7 @@ def client_params(args: Any, target: Any, **extra: Any) -> list[dict[str, Any]]:
     per_count = math.ceil(args.count / procs) if args.count else 0
     return [
         dict(url=args.url, raw=args.raw, size=args.size, text=args.text, compression=args.compression,
+             message=getattr(args, "message", None),
              connections=n, count=per_count, sources=sources, open_timeout=args.open_timeout, index=i,
              cpu=worker_cpu(args, i), **extra)
         for i, n in enumerate(split(args.connections, procs))

@@ -38,7 +38,8 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     engine = open_engine(
         target,
         raw=p["raw"],
-        payload=payload_for(p["size"], p["text"]),
+        payload=payload_for(p["size"], p["text"], p["message"]),
+        compression=p["compression"],
         sources=p["sources"],
         source_offset=p["index"] * 7919,
         open_timeout=p["open_timeout"],

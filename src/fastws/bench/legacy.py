@@ -1,6 +1,6 @@
 """The previous client path of `fastws bench`: fastws.client in callback mode, one worker per mode.
 
-Used where the Cython engine (native.py) cannot go: wss:// URLs, --compression
+Used where the Cython engine (native.py) cannot go: wss:// URLs
 (permessage-deflate), and --client-transport uvloop|aiofastnet (the fastws
 client on those transports, for comparison).  Every message here costs at
 least one Python-level call on the client; see bench/README.md.  The workers
@@ -43,7 +43,7 @@ class _Resend:
 async def throughput_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"], p["raw"])
     size, inflight, raw = p["size"], p["inflight"], p["raw"]
-    payload = payload_for(size, p["text"])
+    payload = payload_for(size, p["text"], p["message"])
     dropped = 0
 
     def on_close(code: int, reason: str) -> None:
@@ -200,7 +200,7 @@ class _PingPong:
 async def latency_worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     target = parse_target(p["url"], p["raw"])
     raw = p["raw"]
-    payload = payload_for(p["size"], p["text"])
+    payload = payload_for(p["size"], p["text"], p["message"])
     hist = Histogram()
 
     open_one = connector(target, raw, p["open_timeout"], max_message_size=0, compression=p["compression"])

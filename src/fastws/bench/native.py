@@ -1,8 +1,9 @@
 """The bench client's own connections: the Cython engine (``_loadgen``) set up from a target, under asyncio.
 
 ``open_engine()`` builds the engine of one client process: the upgrade
-request, the data message as one pre-masked frame, its payload (to check the
-first echo) and a small probe message.  ``NativeClient`` runs it inside the
+request, the data message as one pre-masked frame (with ``compression``,
+deflated once, as a browser would, and sent with RSV1), its payload (to check
+the first echo) and a small probe message.  ``NativeClient`` runs it inside the
 worker's event loop (the engine's epoll descriptor is one reader of the loop;
 a 20 ms ticker handles timeouts and paced ramps) and lets coroutines wait for
 a condition on the engine's counters without polling.  Measured windows call
@@ -16,6 +17,7 @@ import asyncio
 import os
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,13 +32,17 @@ except ImportError:  # pragma: no cover - not built (non-Linux): the legacy clie
 OP_TEXT, OP_BINARY = 0x1, 0x2
 PROBE = b"fastws-bench probe"
 TICK = 0.02  # seconds between timeout checks / paced connection starts
+# --compression: what the upgrade offers, and how the data message is deflated (zlib's default level,
+# as browsers do; a 12-bit window, as offered, so that any server's inflater takes it)
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits=12"
+DEFLATE_LEVEL, DEFLATE_WBITS = 6, 12
 
 
 def available() -> bool:
     return _loadgen is not None
 
 
-def upgrade_request(url: str) -> bytes:
+def upgrade_request(url: str, compression: bool = False) -> bytes:
     """The client's upgrade request for ``url``, with the key left as 24 'K's for the engine to fill in."""
     parts = urlsplit(url)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -51,8 +57,16 @@ def upgrade_request(url: str) -> bytes:
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {'K' * 24}\r\n"
         "Sec-WebSocket-Version: 13\r\n"
-        "\r\n"
+        + (f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n" if compression else "")
+        + "\r\n"
     ).encode("latin-1")
+
+
+def deflate_message(data: bytes) -> bytes:
+    """``data`` as one permessage-deflate message (RFC 7692 7.2.1: the 00 00 ff ff tail removed)."""
+    compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -DEFLATE_WBITS)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4] if out.endswith(b"\x00\x00\xff\xff") else out
 
 
 def resolve(host: str, port: int) -> str:
@@ -75,8 +89,10 @@ def open_engine(
     open_timeout: float = 10.0,
     close_timeout: float = 5.0,
     read_buffer: int = 0,
+    compression: bool = False,
 ) -> Any:
-    """The engine of one client process for ``target``; ``payload`` is the data message (str: text)."""
+    """The engine of one client process for ``target``; ``payload`` is the data message (str: text).
+    ``compression``: offer permessage-deflate, require it, and send the message compressed."""
     if _loadgen is None:
         raise BenchError("the bench client's Cython engine (fastws.bench._loadgen) is not built")
     data = payload.encode() if isinstance(payload, str) else bytes(payload)
@@ -85,12 +101,17 @@ def open_engine(
         frame, probe = data, PROBE
     else:
         opcode = OP_TEXT if isinstance(payload, str) else OP_BINARY
-        frame = _loadgen.build_frame(opcode, data, mask) if data else b""
+        if not data:
+            frame = b""
+        elif compression:
+            frame = _loadgen.build_frame(opcode, deflate_message(data), mask, rsv1=True)
+        else:
+            frame = _loadgen.build_frame(opcode, data, mask)
         probe = _loadgen.build_frame(OP_BINARY, PROBE, mask)
     return _loadgen.Engine(
         resolve(target.host, target.port),
         target.port,
-        request=None if raw else upgrade_request(target.url),
+        request=None if raw else upgrade_request(target.url, compression),
         sources=list(sources),
         source_offset=source_offset,
         mask=mask,
@@ -99,6 +120,7 @@ def open_engine(
         inflight=inflight,
         probe=probe,
         max_fds=raise_nofile(),
+        deflate=compression and not raw,
         read_buffer=read_buffer or 1 << 18,
         open_timeout=open_timeout,
         close_timeout=close_timeout,
@@ -196,8 +218,8 @@ else:  # pragma: no cover
 
 
 def use_native(args: Any, target: Target, ui: Any = None) -> bool:
-    """Whether this run goes through the engine; if not (wss://, --compression, another client transport
-    asked for) the legacy client runs, and the UI says why when the engine was the default."""
+    """Whether this run goes through the engine; if not (wss://, another client transport asked for)
+    the legacy client runs, and the UI says why when the engine was the default."""
     if getattr(args, "client_transport", "native") != "native":
         return False
     reason = ""
@@ -205,8 +227,6 @@ def use_native(args: Any, target: Target, ui: Any = None) -> bool:
         reason = "the Cython engine is not built"
     elif target.url.lower().startswith("wss://"):
         reason = "wss:// (the engine has no TLS)"
-    elif getattr(args, "compression", False):
-        reason = "--compression (the engine does not deflate)"
     if reason and ui is not None:
         ui.note(f"using the legacy client (fastws.client on uvloop): {reason}")
     return not reason

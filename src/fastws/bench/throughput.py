@@ -10,7 +10,7 @@ sent, so a server that does not echo is reported as such.  With ``--raw``
 the same byte streams go over plain TCP (no upgrade, no framing): every S
 bytes back count as one message.
 
-wss://, --compression and --client-transport uvloop|aiofastnet run the
+wss:// and --client-transport uvloop|aiofastnet run the
 previous client instead (legacy.py: fastws.client in callback mode).
 """
 
@@ -44,7 +44,8 @@ async def worker(p: dict[str, Any], ctl: Ctl) -> dict[str, Any]:
     engine = open_engine(
         target,
         raw=raw,
-        payload=payload_for(p["size"], p["text"]),
+        payload=payload_for(p["size"], p["text"], p["message"]),
+        compression=p["compression"],
         inflight=inflight,
         sources=p["sources"],
         source_offset=p["index"] * 7919,
