@@ -34,8 +34,8 @@ import random
 import socket
 import subprocess
 import sys
-import time
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
