@@ -344,7 +344,12 @@ class Scripted(asyncio.Protocol):
         else:
             if self.reply == "bad accept":
                 accept = base64.b64encode(b"x" * 20)
-            extension = b"Sec-WebSocket-Extensions: permessage-deflate\r\n" if self.reply == "deflate" else b""
+            extension = {"deflate": b"Sec-WebSocket-Extensions: permessage-deflate\r\n",
+                         "deflate, 9-bit client window":
+                             b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=9\r\n",
+                         "deflate, 12-bit client window":
+                             b'Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits="12"\r\n',
+                         }.get(self.reply, b"")
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                                  b"Connection: Upgrade\r\n" + extension +
                                  b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
@@ -409,7 +414,7 @@ async def test_engine_parses_frames_split_anywhere_and_answers_pings_and_close()
 
 
 async def test_engine_inflates_a_checked_echo_split_over_reads_and_refuses_misplaced_rsv1():
-    server, protocols = await scripted_server("deflate")
+    server, protocols = await scripted_server("deflate, 12-bit client window")  # (quoted: as RFC 7692 allows)
     port = server.sockets[0].getsockname()[1]
     text = QUOTE * 3
     engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"), payload=text, compression=True)
@@ -473,15 +478,20 @@ async def test_engine_refuses_masked_server_frames():
         server.close()
 
 
+NO_DEFLATE = "server declined permessage-deflate or limited the client's window below 12 bits"
+
+
 @pytest.mark.parametrize(
-    ("reply", "cause"),
-    [("503", "HTTP 503"), ("bad accept", "invalid handshake response"), ("eof", "closed during handshake"),
-     ("silent", "timeout")],
+    ("reply", "cause", "compression"),
+    [("503", "HTTP 503", False), ("bad accept", "invalid handshake response", False),
+     ("eof", "closed during handshake", False), ("silent", "timeout", False),
+     ("101", NO_DEFLATE, True), ("deflate, 9-bit client window", NO_DEFLATE, True)],
 )
-async def test_engine_classifies_failed_handshakes(reply, cause):
+async def test_engine_classifies_failed_handshakes(reply, cause, compression):
     server, _ = await scripted_server(reply)
     port = server.sockets[0].getsockname()[1]
-    engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"), open_timeout=0.3)
+    engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"), open_timeout=0.3, payload=QUOTE,
+                                compression=compression)
     client = native.NativeClient(engine)
     try:
         engine.ramp(3, concurrency=3, max_failures=3)

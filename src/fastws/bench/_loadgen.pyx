@@ -275,7 +275,7 @@ cdef enum:
     FAIL_CLOSED = 3  # EOF before the handshake completed
     FAIL_HTTP = 4
     FAIL_INVALID = 5  # not a valid 101 response
-    FAIL_NO_DEFLATE = 6  # a 101 without permessage-deflate, which this engine offered and must have
+    FAIL_NO_DEFLATE = 6  # a 101 without permessage-deflate (or with a client window too small for our frame)
 
 cdef enum:
     STOP_NONE = 0
@@ -408,7 +408,7 @@ cdef class Engine:
     cdef uint8_t *payload
     cdef Py_ssize_t payload_len
     cdef bint big_messages  # payload_len >= BIG_MESSAGE: small reads for headers, payloads dropped
-    cdef readonly bint deflate  # permessage-deflate offered and required; frame is compressed (RSV1)
+    cdef readonly int deflate_bits  # > 0: permessage-deflate required; frame compressed (RSV1) in such a window
     cdef Py_ssize_t zcheck_cap  # room for a compressed echo being checked
     cdef uint8_t *probe
     cdef Py_ssize_t probe_len
@@ -486,14 +486,15 @@ cdef class Engine:
 
     def __init__(self, str host_ip, int port, *, bytes request=None, sources=(), int source_offset=0,
                  bytes mask=None, bytes frame=b"", bytes payload=b"", int inflight=1, bytes probe=b"",
-                 int max_fds=0, bint deflate=False,
+                 int max_fds=0, int deflate_bits=0,
                  Py_ssize_t read_buffer=1 << 20, double open_timeout=10.0, double close_timeout=5.0):
         """Connect to host_ip:port; ``request`` is the upgrade request (None: raw TCP) with the key
         written as 24 'K's.  ``mask``: the masking key of every frame (default: random);
         ``frame``: the data message, masked with it (raw: the bytes to send); ``payload``: what its
-        echo must contain; ``probe``: a small message for verify().  ``deflate``: the request offers
-        permessage-deflate and ``frame`` is compressed; a response without the extension fails the
-        connection, and the checked echo is inflated before it is compared (echoes otherwise are
+        echo must contain; ``probe``: a small message for verify().  ``deflate_bits`` > 0: the request
+        offers permessage-deflate and ``frame`` is compressed with a window of that many bits; a
+        response without the extension, or one that limits the client's window to fewer bits, fails
+        the connection, and the checked echo is inflated before it is compared (echoes otherwise are
         counted, never inflated: the client's work stays per frame)."""
         cdef int i
         cdef bytes ip
@@ -541,7 +542,7 @@ cdef class Engine:
         if len(mask) != 4:
             raise ValueError("mask must be 4 bytes")
         memcpy(self.mask, <char *>mask, 4)
-        self.deflate = deflate and not self.raw
+        self.deflate_bits = 0 if self.raw else deflate_bits
         self._set_plan(frame, payload, inflight)
         if probe:
             self.probe_len = len(probe)
@@ -833,7 +834,7 @@ cdef class Engine:
         if self.fail_kind[FAIL_INVALID]:
             out["invalid handshake response"] = self.fail_kind[FAIL_INVALID]
         if self.fail_kind[FAIL_NO_DEFLATE]:
-            out["server declined permessage-deflate"] = self.fail_kind[FAIL_NO_DEFLATE]
+            out[self._no_deflate_cause()] = self.fail_kind[FAIL_NO_DEFLATE]
         return out
 
     def first_failure(self):
@@ -851,7 +852,10 @@ cdef class Engine:
             return f"HTTP {code}"
         return {FAIL_TIMEOUT: "timeout", FAIL_CLOSED: "closed during handshake",
                 FAIL_INVALID: "invalid handshake response",
-                FAIL_NO_DEFLATE: "server declined permessage-deflate"}[kind]
+                FAIL_NO_DEFLATE: self._no_deflate_cause()}[kind]
+
+    cdef str _no_deflate_cause(self):
+        return f"server declined permessage-deflate or limited the client's window below {self.deflate_bits} bits"
 
     # ------------------------------------------------------------------ event loop
 
@@ -1103,6 +1107,8 @@ cdef class Engine:
         lg_base64(digest, 20, accept)
         cdef bint accepted = False
         cdef bint deflate = False
+        cdef int64_t window = 15
+        cdef const uint8_t *bits
         line = 0
         while line < n:
             i = line
@@ -1117,10 +1123,18 @@ cdef class Engine:
                 accepted = True
             elif i - line > 25 and strncasecmp(<const char *>h + line, "sec-websocket-extensions:", 25) == 0:
                 deflate = memmem(h + line, i - line, b"permessage-deflate", 18) != NULL
+                bits = <const uint8_t *>memmem(h + line, i - line, b"client_max_window_bits=", 23)
+                if bits != NULL:
+                    j = bits - h + 23
+                    if j < i and h[j] == 34:  # a quoted value
+                        j += 1
+                    window = parse_uint(h, i + 1, &j)  # (h[i] is the line's CR: the digits end before it)
             line = i + 2
         if not accepted:
             return FAIL_INVALID
-        return FAIL_NO_DEFLATE if self.deflate and not deflate else 0
+        if self.deflate_bits and (not deflate or window < self.deflate_bits):
+            return FAIL_NO_DEFLATE  # (a window too small for the pre-built frame: declined as good as)
+        return 0
 
     cdef void _opened(self, Conn *c, int64_t now) noexcept:
         self.in_progress -= 1
@@ -1354,7 +1368,7 @@ cdef class Engine:
         cdef int opcode = b0 & 0x0F
         cdef uint64_t n = b1 & 0x7F
         cdef int i
-        if b1 & 0x80 or b0 & (0x30 if self.deflate else 0x70):  # masked, or RSV bits no extension gives
+        if b1 & 0x80 or b0 & (0x30 if self.deflate_bits else 0x70):  # masked, or RSV bits no extension gives
             return -1
         if b0 & 0x40 and (opcode == 0 or opcode >= 8):  # RSV1 marks a message's first frame only
             return -1

@@ -120,7 +120,7 @@ def open_engine(
         inflight=inflight,
         probe=probe,
         max_fds=raise_nofile(),
-        deflate=compression and not raw,
+        deflate_bits=DEFLATE_WBITS if compression and not raw else 0,
         read_buffer=read_buffer or 1 << 18,
         open_timeout=open_timeout,
         close_timeout=close_timeout,
