@@ -446,7 +446,10 @@ async def test_engine_inflates_a_checked_echo_split_over_reads_and_refuses_mispl
         server.close()
 
 
-async def test_engine_refuses_rsv1_without_the_extension():
+@pytest.mark.parametrize("frame", [b"\x82\x81abcd\x00",  # masked: servers must not mask
+                                   b"\xc1\x01x"],  # RSV1 without permessage-deflate agreed
+                         ids=["masked", "rsv1 without the extension"])
+async def test_engine_refuses_frames_a_server_must_not_send(frame):
     server, protocols = await scripted_server()
     port = server.sockets[0].getsockname()[1]
     engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"))
@@ -454,23 +457,7 @@ async def test_engine_refuses_rsv1_without_the_extension():
     try:
         engine.ramp(1)
         assert await client.wait(lambda: engine.ramp_done, 10) and engine.live == 1
-        protocols[0].transport.write(bytes([0xC1, 0x01, 0x78]))
-        assert await client.wait(lambda: engine.live == 0, 10)
-        assert engine.protocol_errors == 1 and engine.received == 0
-    finally:
-        client.detach()
-        server.close()
-
-
-async def test_engine_refuses_masked_server_frames():
-    server, protocols = await scripted_server()
-    port = server.sockets[0].getsockname()[1]
-    engine = native.open_engine(parse_target(f"ws://127.0.0.1:{port}/x"))
-    client = native.NativeClient(engine)
-    try:
-        engine.ramp(1)
-        assert await client.wait(lambda: engine.ramp_done, 10) and engine.live == 1
-        protocols[0].transport.write(b"\x82\x81abcd\x00")  # masked: servers must not mask
+        protocols[0].transport.write(frame)
         assert await client.wait(lambda: engine.live == 0, 10)
         assert engine.protocol_errors == 1 and engine.received == 0
     finally:
