@@ -1122,7 +1122,8 @@ cdef class Engine:
                     return FAIL_INVALID
                 accepted = True
             elif i - line > 25 and strncasecmp(<const char *>h + line, "sec-websocket-extensions:", 25) == 0:
-                deflate = memmem(h + line, i - line, b"permessage-deflate", 18) != NULL
+                if memmem(h + line, i - line, b"permessage-deflate", 18) != NULL:
+                    deflate = True  # (a second Sec-WebSocket-Extensions line does not undo it)
                 bits = <const uint8_t *>memmem(h + line, i - line, b"client_max_window_bits=", 23)
                 if bits != NULL:
                     j = bits - h + 23
