@@ -304,8 +304,7 @@ ctypedef struct Conn:
     int timed_slot  # 1 + its index in Engine.timed while it has a deadline, else 0
     uint8_t *stash  # allocated only while needed
     uint8_t *out  # bytes the kernel did not take yet
-    uint8_t *zcheck  # a compressed message being checked, gathered to inflate once whole
-    uint32_t zcheck_len
+    uint8_t *zcheck  # a compressed message being checked, gathered to inflate once whole (msg_off bytes)
     uint32_t out_len
     uint32_t out_cap
     uint32_t out_frames  # pre-built frames still to send after out (from the shared block)
@@ -409,7 +408,6 @@ cdef class Engine:
     cdef Py_ssize_t payload_len
     cdef bint big_messages  # payload_len >= BIG_MESSAGE: small reads for headers, payloads dropped
     cdef readonly int deflate_bits  # > 0: permessage-deflate required; frame compressed (RSV1) in such a window
-    cdef Py_ssize_t zcheck_cap  # room for a compressed echo being checked
     cdef uint8_t *probe
     cdef Py_ssize_t probe_len
     cdef readonly int mode
@@ -566,7 +564,6 @@ cdef class Engine:
             for i in range(self.block_frames):
                 memcpy(self.block + i * self.frame_len, <char *>frame, self.frame_len)
         self.payload_len = len(payload)
-        self.zcheck_cap = self.payload_len + self.payload_len // 4 + 1024  # deflate's worst case, and more
         self.big_messages = self.payload_len >= BIG_MESSAGE
         if self.payload_len:
             self.payload = <uint8_t *>malloc(self.payload_len)
@@ -1332,7 +1329,7 @@ cdef class Engine:
             else:
                 if c.flags & F_CHECK and take:
                     if c.flags & F_COMPRESSED:
-                        self._gather_check(c, p, take)
+                        self._gather_check(c, p, take)  # (before msg_off counts these bytes)
                     elif (c.msg_off + take > self.payload_len
                             or memcmp(p, self.payload + c.msg_off, take) != 0):
                         c.flags |= F_CHECK_BAD
@@ -1395,18 +1392,20 @@ cdef class Engine:
         return 0
 
     cdef void _gather_check(self, Conn *c, const uint8_t *p, Py_ssize_t n) noexcept:
-        """Keep this part of a compressed message being checked (inflated once whole, in _message)."""
+        """Keep this part of a compressed message being checked at zcheck[msg_off:] (inflated once
+        whole, in _message)."""
+        cdef Py_ssize_t cap = self.payload_len + self.payload_len // 4 + 1024  # deflate's worst case, and more
+        if c.flags & F_CHECK_BAD:
+            return
+        if c.msg_off + n > cap:
+            c.flags |= F_CHECK_BAD  # bigger than any deflate of the payload: not its echo
+            return
         if c.zcheck == NULL:
-            c.zcheck = <uint8_t *>malloc(self.zcheck_cap)
-            c.zcheck_len = 0
+            c.zcheck = <uint8_t *>malloc(cap)
             if c.zcheck == NULL:
                 c.flags |= F_CHECK_BAD
                 return
-        if c.zcheck_len + n > self.zcheck_cap:
-            c.flags |= F_CHECK_BAD  # bigger than any deflate of the payload: not its echo
-            return
-        memcpy(c.zcheck + c.zcheck_len, p, n)
-        c.zcheck_len += <uint32_t>n
+        memcpy(c.zcheck + c.msg_off, p, n)
 
     cdef bint _stash(self, Conn *c) noexcept:
         if c.stash == NULL:
@@ -1461,11 +1460,10 @@ cdef class Engine:
         self.received += 1
         if c.flags & F_CHECK:
             if c.flags & F_COMPRESSED:
-                if c.zcheck == NULL or not lg_inflates_to(c.zcheck, c.zcheck_len, self.payload, self.payload_len):
+                if c.zcheck == NULL or not lg_inflates_to(c.zcheck, c.msg_off, self.payload, self.payload_len):
                     c.flags |= F_CHECK_BAD
                 free(c.zcheck)
                 c.zcheck = NULL
-                c.zcheck_len = 0
                 c.msg_off = self.payload_len  # compared: the length test below is the inflater's
             if c.flags & F_CHECK_BAD or c.msg_off != self.payload_len:
                 self.checks_bad += 1
