@@ -70,6 +70,8 @@ def build_zlib_ng():
 
 extensions = [
     Extension("fastws._frame", ["src/fastws/_frame.pyx"], extra_compile_args=compile_args, define_macros=macros),
+    # what the wire core calls, in C, to compress and inflate (the zlib streams below subclass it)
+    Extension("fastws._codec", ["src/fastws/_codec.pyx"], extra_compile_args=compile_args, define_macros=macros),
 ]
 # permessage-deflate through zlib's C API; where there are no zlib headers to build against
 # (a plain Windows toolchain), fastws.deflate uses Python's zlib module instead.

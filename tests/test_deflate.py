@@ -187,6 +187,47 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+def test_without_zlib_headers_the_wire_core_compresses_through_pythons_zlib() -> None:
+    """A build without zlib headers has neither fastws._zlib nor fastws._zlibng: fastws.deflate's
+    streams on Python's zlib are then what the wire core calls (through fastws._codec's interface),
+    both ways and both with and without context takeover (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, zlib
+sys.modules["fastws._zlib"] = sys.modules["fastws._zlibng"] = None  # the imports fail, as in such a build
+from fastws import deflate
+from fastws._frame import FrameReader, FrameWriter
+assert deflate._zlib is None
+messages = ["a quote, a quote, a quote " * 10, b"binary " * 40, "short"]
+for takeover in (False, True):
+    server = deflate.PerMessageDeflate(is_server=True, local_max_window_bits=15, remote_max_window_bits=15,
+                                       local_no_context_takeover=not takeover,
+                                       remote_no_context_takeover=not takeover)
+    client = deflate.PerMessageDeflate(is_server=False, local_max_window_bits=15, remote_max_window_bits=15,
+                                       local_no_context_takeover=not takeover,
+                                       remote_no_context_takeover=not takeover)
+    assert type(server.compress).__name__ == "_PyDeflater", server.compress
+    wire = []
+    writer = FrameWriter(wire.append, is_server=True, deflate=server.compress, compress_threshold=8)
+    for m in messages:
+        writer.send(m)
+    assert [w[0] & 0x40 for w in wire] == [0x40, 0x40, 0], wire  # RSV1 from the threshold on
+    got = []
+
+    class Sink:
+        def on_message(self, message):
+            got.append(message)
+
+    FrameReader(Sink(), is_server=False, inflate=client.decompress).feed(b"".join(wire))
+    assert got == messages, got
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_compression_level_defaults_and_choice() -> None:
     message = b'{"type": "quote", "symbol": "NVDA", "bid": 412.17, "ask": 412.19, "volume": 1234567} ' * 5
     fast, own = make(local_nct=True), make()

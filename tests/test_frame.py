@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import oracles as O
 from fastws import _frame
+from fastws._codec import Compressor, Decompressor
 from fastws._frame import (
     FrameReader,
     FrameWriter,
@@ -780,8 +781,16 @@ def test_differential_against_reference_reader(case):
 # ----------------------------------------------------------------- permessage-deflate hook (inflate)
 
 
-class Inflater:
-    """A stand-in for permessage-deflate: the 'compressed' form is the reversed payload."""
+class Reverser(Compressor):
+    """The compressing side of the stand-in below: reverses the payload."""
+
+    def __call__(self, data):
+        return bytes(data)[::-1]
+
+
+class Inflater(Decompressor):
+    """A stand-in for permessage-deflate: the 'compressed' form is the reversed payload (a Python
+    Decompressor: the wire core calls it through the C interface, as it calls fastws._zlib's)."""
 
     def __init__(self, grow: int = 0):
         self.calls: list[bytes] = []
@@ -837,16 +846,18 @@ def test_inflate_violations(name, stream, code):
 
 
 def test_inflate_errors_propagate():
-    """The inflate callable enforces the size limit (PayloadTooBig) and rejects bad data (1002)."""
+    """The inflater enforces the size limit (PayloadTooBig) and rejects bad data (1002)."""
     from fastws.errors import PayloadTooBig as TooBig
 
-    def too_big(data):
-        raise TooBig("decompressed message too big")
+    class TooBigInflater(Decompressor):
+        def __call__(self, data):
+            raise TooBig("decompressed message too big")
 
-    def corrupt(data):
-        raise ProtocolError(1002, "invalid compressed data")
+    class CorruptInflater(Decompressor):
+        def __call__(self, data):
+            raise ProtocolError(1002, "invalid compressed data")
 
-    for inflate, code in ((too_big, 1009), (corrupt, 1002)):
+    for inflate, code in ((TooBigInflater(), 1009), (CorruptInflater(), 1002)):
         writes: list = []
         writer = FrameWriter(writes.append, is_server=True)
         rec = Echo(writer)
@@ -901,7 +912,12 @@ def test_inflate_with_zlib_roundtrip():
         assert c.endswith(b"\x00\x00\xff\xff")
         stream += mframe(1 if isinstance(m, str) else 2, c[:-4], rsv=O.RSV1)
     dec = zlib.decompressobj(wbits=-15)
-    got, err, _ = run([stream], "asyncio", inflate=lambda b: dec.decompress(bytes(b) + b"\x00\x00\xff\xff"))
+
+    class ZlibInflater(Decompressor):  # context takeover: one stream for the whole connection
+        def __call__(self, data):
+            return dec.decompress(bytes(data) + b"\x00\x00\xff\xff")
+
+    got, err, _ = run([stream], "asyncio", inflate=ZlibInflater())
     assert err is None and got == [("message", m) for m in msgs]
 
 
@@ -1128,12 +1144,12 @@ def test_writer_deflate_threshold():
     writes: list = []
     calls = []
 
-    def deflate(b):  # a text message comes as its str: the compressor takes its UTF-8
-        b = b.encode() if isinstance(b, str) else bytes(b)
-        calls.append(b)
-        return b"D" + b[:3]
+    class Deflate(Compressor):
+        def __call__(self, b):  # a text message comes as its UTF-8
+            calls.append(b)
+            return b"D" + b[:3]
 
-    w = FrameWriter(writes.append, is_server=True, deflate=deflate, compress_threshold=10)
+    w = FrameWriter(writes.append, is_server=True, deflate=Deflate(), compress_threshold=10)
     w.send(b"x" * 9)
     w.send(b"y" * 10)
     w.send("t" * 10)
@@ -1224,9 +1240,7 @@ def test_writer_fragment_size(is_server):
 
 def test_writer_fragment_size_with_deflate_sets_rsv1_on_first_frame_only():
     writes: list = []
-    w = FrameWriter(
-        writes.append, is_server=True, deflate=lambda b: bytes(b)[::-1], compress_threshold=0, fragment_size=3
-    )
+    w = FrameWriter(writes.append, is_server=True, deflate=Reverser(), compress_threshold=0, fragment_size=3)
     w.send(b"abcdefg")
     frames = frames_of(writes)
     assert [(f.fin, f.rsv, f.opcode, f.payload) for f in frames] == [
@@ -1242,7 +1256,11 @@ def test_writer_set_deflate_and_threshold_attribute():
     writes: list = []
     w = FrameWriter(writes.append, is_server=True)
     assert w.compress_threshold == 128
-    w.set_deflate(lambda b: b"Z", 2)
+    class Z(Compressor):
+        def __call__(self, b):
+            return b"Z"
+
+    w.set_deflate(Z(), 2)
     assert w.compress_threshold == 2
     w.send(b"a")
     w.send(b"ab")

@@ -20,6 +20,7 @@ import os
 from asyncio import CancelledError, current_task
 from asyncio import tasks as _asyncio_tasks
 
+from fastws._codec cimport Compressor, Decompressor
 from fastws.errors import ConnectionClosed, PayloadTooBig, ProtocolError
 
 cdef extern from "Python.h":
@@ -721,7 +722,7 @@ cdef class _Wire:
     # -- the writer half ---------------------------------------------------------
     cdef object _transport          # writes go to its write()/writelines() (FrameWriter: or callables)
     cdef list _chunks               # while corked: encoded output with big payloads kept uncopied
-    cdef object _deflate
+    cdef Compressor _deflate        # permessage-deflate (None: off), called in C per message
     cdef char *_out
     cdef Py_ssize_t _out_len
     cdef Py_ssize_t _out_cap
@@ -730,7 +731,7 @@ cdef class _Wire:
     # _report_error, _pong and _read_writer: FrameReader keeps its own fields for them)
     cdef object _on_message         # called with each message
     cdef object _pending_close      # (code, reason) of a close frame, handed over after the flush
-    cdef object _inflate
+    cdef Decompressor _inflate
     cdef Py_ssize_t _max_message_size
     # bytes kept between reads: the start of a partial frame
     cdef char *_buf
@@ -919,15 +920,13 @@ cdef class _Wire:
             self._flush()
         return 0
 
-    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner,
-                           object source=None) except -1:
-        """``owner``: an immutable bytes holding data (sent uncopied when big); ``source``: the
-        caller's object (a str or that bytes), handed to the compressor as it is."""
+    cdef int _send_message(self, int opcode, const char *data, Py_ssize_t n, object owner) except -1:
+        """``owner``: an immutable bytes holding data (sent uncopied when big)."""
         cdef bint rsv1 = False
         cdef Py_ssize_t step, off
         cdef int op
         if self._deflate is not None and n >= self._compress_threshold:
-            owner = self._deflate(source if source is not None else data[:n])
+            owner = self._deflate.compress(data, n)
             data = PyBytes_AS_STRING(owner)
             n = PyBytes_GET_SIZE(owner)
             rsv1 = True
@@ -950,9 +949,9 @@ cdef class _Wire:
         cdef const char *p
         if isinstance(data, str):
             p = PyUnicode_AsUTF8AndSize(data, &n)
-            return self._send_message(OPC_TEXT, p, n, None, data)
+            return self._send_message(OPC_TEXT, p, n, None)
         if type(data) is bytes:
-            return self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data, data)
+            return self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             # A mutable buffer may change after we return: never pass it on uncopied.
@@ -1396,7 +1395,7 @@ cdef class _Wire:
         self._utf8_state = 0
         self._count_received(opcode, n)
         if compressed:
-            raw = self._inflate(PyBytes_FromStringAndSize(data, n))
+            raw = self._inflate.decompress(data, n)
             if opcode == OPC_TEXT:
                 try:
                     message = raw.decode("utf-8")

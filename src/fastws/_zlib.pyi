@@ -1,8 +1,10 @@
 """Type stub for fastws._zlib: permessage-deflate streams on zlib's C API, reset between messages."""
 
+from fastws._codec import Compressor, Decompressor
+
 ZLIB_VERSION: str
 
-class Deflater:
+class Deflater(Compressor):
     context_takeover: bool
     level: int
     window_bits: int
@@ -13,7 +15,7 @@ class Deflater:
                  context_takeover: bool = False, strategy: int = 0) -> None: ...
     def __call__(self, data: str | bytes | bytearray | memoryview) -> bytes: ...  # without the 00 00 ff ff tail
 
-class Inflater:
+class Inflater(Decompressor):
     context_takeover: bool
     window_bits: int
     max_size: int  # 0: no limit; past it PayloadTooBig (1009)

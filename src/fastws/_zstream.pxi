@@ -7,6 +7,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.ref cimport PyObject, Py_XDECREF
 from libc.string cimport memcmp, memset
 
+from fastws._codec cimport Compressor, Decompressor
 from fastws.errors import PayloadTooBig, ProtocolError
 
 cdef extern from "Python.h":
@@ -62,8 +63,9 @@ cdef inline int _raw_bits(int window_bits) noexcept:
     return -(9 if window_bits < 9 else window_bits)
 
 
-cdef class Deflater:
-    """Compresses whole messages; ``context_takeover=False`` resets the stream before each one."""
+cdef class Deflater(Compressor):
+    """Compresses whole messages; ``context_takeover=False`` resets the stream before each one.
+    The wire core calls ``compress`` in C; calling the object does the same from Python."""
 
     cdef z_stream _z
     cdef bint _ready
@@ -109,14 +111,14 @@ cdef class Deflater:
         cdef Py_ssize_t n
         if isinstance(data, str):
             src = PyUnicode_AsUTF8AndSize(data, &n)
-            return self._compress(src, n)
+            return self.compress(src, n)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            return self._compress(<const char *>view.buf, view.len)
+            return self.compress(<const char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
 
-    cdef bytes _compress(self, const char *src, Py_ssize_t n):
+    cdef bytes compress(self, const char *src, Py_ssize_t n):
         cdef PyObject *out = NULL
         cdef Py_ssize_t size, produced = 0
         cdef int ret
@@ -153,9 +155,9 @@ cdef class Deflater:
             raise
 
 
-cdef class Inflater:
+cdef class Inflater(Decompressor):
     """Inflates whole messages, at most ``max_size`` bytes each (0: no limit); without context
-    takeover the stream is reset before each one."""
+    takeover the stream is reset before each one.  The wire core calls ``decompress`` in C."""
 
     cdef z_stream _z
     cdef bint _ready
@@ -198,11 +200,11 @@ cdef class Inflater:
         cdef Py_buffer view
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            return self._inflate(<const char *>view.buf, view.len)
+            return self.decompress(<const char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
 
-    cdef bytes _inflate(self, const char *src, Py_ssize_t n):
+    cdef bytes decompress(self, const char *src, Py_ssize_t n):
         cdef PyObject *out = NULL
         cdef Py_ssize_t size, produced = 0, limit = self.max_size
         cdef int ret = Z_OK

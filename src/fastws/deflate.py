@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from ._codec import Compressor, Decompressor
 from .errors import CloseCode, PayloadTooBig, ProtocolError
 
 try:
@@ -438,10 +439,10 @@ def _format_response(
 
 
 # ---------------------------------------------------------------------------
-# Without fastws._zlib: the same callables on Python's zlib objects
+# Without fastws._zlib: the same streams on Python's zlib objects (the wire core calls __call__)
 
 
-class _PyDeflater:
+class _PyDeflater(Compressor):
     __slots__ = ("level", "bits", "mem_level", "takeover", "_stream")
 
     def __init__(self, level: int, bits: int, mem_level: int, takeover: bool) -> None:
@@ -458,7 +459,7 @@ class _PyDeflater:
         return data[:-4] or b"\x00"
 
 
-class _PyInflater:
+class _PyInflater(Decompressor):
     __slots__ = ("bits", "max_size", "takeover", "_stream")
 
     def __init__(self, bits: int, max_size: int, takeover: bool) -> None:
