@@ -27,7 +27,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from test_asgi_apps import MiB, ServerProcess, free_port, uvicorn
+from test_asgi_apps import PROTOCOL, MiB, ServerProcess, free_port, uvicorn
 from wsraw import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, build_frame, http_exchange, upgrade_request
 
 pytestmark = pytest.mark.timeout(120)
@@ -439,6 +439,24 @@ async def test_keepalive_pings_and_times_out() -> None:
                 assert await raw.recv_message() == (OP_TEXT, b"still here")
             await ws.send("alive")
             assert await ws.recv() == "alive"
+    finally:
+        proc.stop()
+
+
+async def test_without_a_ping_timeout_a_silent_client_is_pinged_every_interval_and_kept() -> None:
+    """uvicorn's ``ws_ping_timeout=None`` (only its Python API can say None): a client that never
+    answers is pinged again every interval, and never closed for it."""
+    port = free_port()
+    run = ("import uvicorn; uvicorn.run('test_asgi_apps:fastapi_app', host='127.0.0.1', "
+           f"port={port}, ws={PROTOCOL!r}, ws_ping_interval=0.3, ws_ping_timeout=None, log_level='info')")
+    proc = ServerProcess([sys.executable, "-c", run], port).wait_ready()
+    try:
+        async with await RawWS.connect(proc.port, "/echo") as ws:  # answers nothing
+            for _ in range(4):
+                frame = await ws.recv_frame(10)
+                assert frame.opcode == OP_PING
+            await ws.send_frame(OP_TEXT, "still open")
+            assert await ws.recv_message(10) == (OP_TEXT, b"still open")  # (pings in between are skipped)
     finally:
         proc.stop()
 
