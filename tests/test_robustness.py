@@ -14,7 +14,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from fastws import App, Endpoint, Session
+from fastws import App, Config, Endpoint, Session
 from wsraw import (
     OP_BINARY,
     OP_CLOSE,
@@ -308,6 +308,27 @@ async def test_keepalive_client_that_answers_pings_stays(start_server) -> None:
         await ws.send("still here")
         assert await ws.recv() == "still here"
     assert server.stats["keepalive_timeouts"] == 0
+
+
+async def test_without_a_ping_timeout_a_silent_client_is_pinged_every_interval_and_kept(start_server) -> None:
+    """ping_timeout=None (python-websockets' and uvicorn's way to say it; `--ping-timeout 0`): a
+    client that never answers is pinged again every interval and never closed for it."""
+    app, _ = echo_app()
+    server, port = await start_server(app, ping_interval=0.2, ping_timeout=None)
+    async with await RawWS.connect(port, "/echo") as ws:  # answers nothing
+        for _ in range(4):
+            assert (await ws.recv_frame(10)).opcode == OP_PING
+        await ws.send_frame(OP_TEXT, b"still open")
+        assert await ws.recv_message() == (OP_TEXT, b"still open")
+    assert server.stats["keepalive_timeouts"] == 0
+
+
+def test_keepalive_settings_that_cannot_work_are_refused() -> None:
+    for bad, name in (({"ping_interval": -1}, "ping_interval"), ({"idle_timeout": "5"}, "idle_timeout"),
+                      ({"ping_timeout": 0}, "ping_timeout"), ({"ping_timeout": "20"}, "ping_timeout")):
+        with pytest.raises(ValueError, match=name):
+            Config(**bad)
+    assert Config(ping_interval=0, ping_timeout=None, idle_timeout=0).ping_timeout is None
 
 
 async def test_keepalive_raw_client_answering_pings_stays(start_server) -> None:

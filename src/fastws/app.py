@@ -26,7 +26,7 @@ class Config:
 
     max_message_size: int = 1 * MiB  # bytes; larger messages close with 1009
     ping_interval: float | None = 20.0  # seconds of silence before we ping (below nginx's 60 s)
-    ping_timeout: float = 20.0  # seconds to wait for any bytes after a ping (then 1011)
+    ping_timeout: float | None = 20.0  # seconds to wait for any bytes after a ping (then 1011); None: no limit
     close_timeout: float = 5.0  # every way out of OPEN ends TCP within this many seconds
     handshake_timeout: float = 10.0  # seconds for the whole request head (slowloris)
     idle_timeout: float | None = None  # close (1001) after this long without a data message
@@ -70,8 +70,14 @@ class Config:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout", "keepalive_timeout"):
-            if not getattr(self, name) > 0:
+            if name == "ping_timeout" and self.ping_timeout is None:
+                continue  # pings go on every interval; a silent client is never closed for them
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
+        for name in ("ping_interval", "idle_timeout"):  # None or 0: off
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{name} must be a number of seconds (0 or None: off), not {value!r}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {self.max_queue!r}")
         nct = self.compression_no_context_takeover

@@ -41,7 +41,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-size", type=int, default=defaults.max_message_size)
     p.add_argument("--ping-interval", type=float, default=defaults.ping_interval,
                    help="seconds; 0 disables keepalive pings")
-    p.add_argument("--ping-timeout", type=float, default=defaults.ping_timeout)
+    p.add_argument("--ping-timeout", type=float, default=defaults.ping_timeout,
+                   help="seconds to wait for any byte after a ping before closing (1011); 0: no limit")
     p.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout)
     p.add_argument("--idle-timeout", type=float, default=0, help="seconds without a message; 0 = off")
     p.add_argument("--close-timeout", type=float, default=defaults.close_timeout,
@@ -116,7 +117,7 @@ def make_config(args: argparse.Namespace) -> Config:
     return Config(
         max_message_size=args.max_message_size,
         ping_interval=args.ping_interval or None,
-        ping_timeout=args.ping_timeout,
+        ping_timeout=args.ping_timeout or None,
         close_timeout=args.close_timeout,
         drain_timeout=args.drain_timeout,
         handshake_timeout=args.handshake_timeout,
