@@ -4,6 +4,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol
 
+from fastws._codec import Compressor, Decompressor
+
 OP_CONTINUATION: int  # 0x0
 OP_TEXT: int  # 0x1
 OP_BINARY: int  # 0x2
@@ -41,7 +43,7 @@ class FrameReader:
         *,
         is_server: bool = True,  # server: frames must be masked; client: must not be
         max_message_size: int = 1048576,  # 0 = unlimited; checked from headers (1009)
-        inflate: Callable[[bytes], bytes] | None = None,  # set when permessage-deflate was negotiated (RSV1 allowed)
+        inflate: Decompressor | None = None,  # set when permessage-deflate was negotiated (RSV1 allowed)
         writer: FrameWriter | None = None,  # corked while a read is parsed, flushed once after it
         on_error: Callable[[Exception], object] | None = None,  # buffer_updated reports errors here
     ) -> None: ...
@@ -54,7 +56,7 @@ class FrameReader:
     max_frames_per_read: int  # 0: no cap; else parsing stops there, on_backlog() is called, resume() goes on
     def stop(self) -> None: ...  # ignore all further input (free the buffers)
     def resume(self) -> None: ...  # parse what the frame cap left buffered
-    def set_inflate(self, inflate: Callable[[bytes], bytes] | None) -> None: ...
+    def set_inflate(self, inflate: Decompressor | None) -> None: ...
     def get_buffer(self, sizehint: int = -1) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...
     def feed(self, data: bytes | bytearray | memoryview) -> None: ...
@@ -74,11 +76,11 @@ class FrameWriter:
         *,
         is_server: bool = True,  # server frames are unmasked; client frames masked with a fresh key
         writelines: Callable[[tuple[bytes, ...]], object] | None = None,  # big payloads go out uncopied
-        deflate: Callable[[str | bytes], bytes] | None = None,  # compress a whole message (a str: its UTF-8)
+        deflate: Compressor | None = None,  # compresses a whole message (a str: its UTF-8)
         compress_threshold: int = 128,  # messages shorter than this are sent uncompressed
         fragment_size: int = 0,
     ) -> None: ...
-    def set_deflate(self, deflate: Callable[[bytes], bytes] | None, compress_threshold: int = 128) -> None: ...
+    def set_deflate(self, deflate: Compressor | None, compress_threshold: int = 128) -> None: ...
     @property
     def buffered(self) -> int: ...  # bytes queued while corked
     def send(self, data: str | bytes | bytearray | memoryview) -> None: ...  # str -> text, else binary
@@ -164,8 +166,8 @@ class SessionCore:
     _deadline: Any
     def _init_core(self, session_id: int, server: Any, head: bytes, remote: str | None) -> None: ...
     def _attach_wire(self, transport: asyncio.BaseTransport, *, max_message_size: int, max_frames_per_read: int,
-                     deflate: Callable[[str | bytes], bytes] | None = None,
-                     inflate: Callable[[bytes], bytes] | None = None, compress_threshold: int = 128,
+                     deflate: Compressor | None = None,
+                     inflate: Decompressor | None = None, compress_threshold: int = 128,
                      now: float = 0.0, direct: bool = False) -> None: ...
     def _deliver_to(self, func: Callable[..., object], with_endpoint: bool = False) -> None: ...
     def _deliver_to_inbox(self) -> None: ...
