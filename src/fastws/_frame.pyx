@@ -1702,6 +1702,7 @@ cdef class SessionCore(_Wire):
     cdef public object params
     cdef public object deflate       # the negotiated permessage-deflate state (None: no compression)
     cdef public object _drain
+    cdef public object _waiters      # what user code awaits (wait_closed, ping): made at the first wait
     cdef public Inbox _inbox
     cdef public object _task
     cdef public object ka_bucket     # keepalive's wheel (fastws.keepalive): a list with its links here
@@ -1794,12 +1795,15 @@ cdef class SessionCore(_Wire):
         self._uncork()
 
     cdef int _pong(self, const char *data, Py_ssize_t n) except -1:
-        """A pong while a keepalive ping is out: its round trip goes to the histogram."""
+        """A pong while a keepalive ping is out: its round trip goes to the histogram.  While user
+        code awaits a ping of its own, the Python half matches the payload (on_pong)."""
         cdef _Slot slot
         if n == 0 and self.ka_bucket is not None:
             slot = <_Slot>self.ka_bucket
             if slot.ping_clock:
                 _observe_rtt(fastws_monotonic() - slot.ping_clock)
+        if self._waiters is not None:
+            self.on_pong(PyBytes_FromStringAndSize(data, n))
         return 0
 
     def recv(self):

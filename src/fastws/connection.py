@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
+import time
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
-from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, Inbox, SessionCore
+from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, READY, Inbox, SessionCore
 from fastws.errors import CloseCode, ConnectionClosed, ProtocolError
 from fastws.handshake import Request
 from fastws.protocol import CLOSED, OPEN, STATE_NAMES, WebSocketProtocol, drop_message
@@ -52,6 +54,70 @@ def _plain_tcp(transport: asyncio.BaseTransport) -> bool:
 def _unexpected_data(data: bytes) -> None:
     raise RuntimeError("a fastws session reads through get_buffer/buffer_updated; "
                        "this transport called data_received")
+
+
+_ping_ids = itertools.count(1)
+
+
+def _next_ping_payload() -> bytes:
+    return (next(_ping_ids) & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+class _Waiters:
+    """What user code of one session awaits: the end of the connection, the pongs of its pings,
+    and which tasks are awaiting the session's own futures now.  Made at the first wait; most
+    sessions never have one."""
+
+    __slots__ = ("closed", "pings", "tasks")
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] | None = None
+        self.pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}  # payload -> (future, sent at)
+        self.tasks: list[asyncio.Task[Any] | None] = []
+
+    def idle(self) -> bool:
+        return self.closed is None and not self.pings and not self.tasks
+
+
+class _OwnWait:
+    """Awaiting one of the session's own futures (a pong, the end, room in the send buffer).  A
+    connection that dies meanwhile ends such a wait with ConnectionClosed, as python-websockets
+    does, where a wait on anything else is cancelled (Session.connection_lost)."""
+
+    __slots__ = ("_session", "_waiters", "_future")
+
+    def __init__(self, session: Session, waiters: _Waiters, future: asyncio.Future[Any]) -> None:
+        self._session: Session | None = session
+        self._waiters = waiters
+        self._future = future
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        tasks = self._waiters.tasks
+        task = asyncio.current_task()
+        tasks.append(task)
+        try:
+            return (yield from self._future.__await__())
+        finally:
+            # A traceback through here keeps this frame: it must hold neither the task (a cycle:
+            # the task would wait for a garbage collection to go) nor the session.
+            tasks.remove(task)
+            del task
+            if self._session is not None:
+                self._session._release_waiters()
+                self._session = None
+
+
+class _Closing:
+    """What close() returns: awaiting it waits until the connection has ended; not awaiting it
+    (sync code) costs this small object and nothing else."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._session.wait_closed().__await__()
 
 
 class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
@@ -95,6 +161,14 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         transport = self.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return peer[0] if peer else "unknown"
+
+    @property
+    def remote_address(self) -> tuple[Any, ...] | None:
+        """The TCP peer's address, as the socket gives it ((host, port) for IPv4), as in
+        python-websockets; None once the connection is gone.  (``remote``: the client's address
+        after trusted proxies.)"""
+        transport = self.transport
+        return transport.get_extra_info("peername") if transport is not None else None
 
     @property
     def hub(self) -> Any:
@@ -188,6 +262,9 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         if drain is not None and not drain.done():
             drain.set_exception(self.connection_closed_error())
             drain.exception()  # marked retrieved: nobody may be waiting
+        waiters = self._waiters
+        if waiters is not None:
+            self._end_waits()
         clean = self._close_received
         inbox = self._inbox
         in_recv = inbox is not None and inbox.waiting
@@ -199,7 +276,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         if task is not None and not task.done():
             # A clean close lets the application finish; a dead connection cancels
             # what it is still waiting for (unless that is this session's own recv()).
-            if not clean and not in_recv:
+            if not clean and not in_recv and (waiters is None or task not in waiters.tasks):
                 task.cancel()
             task.add_done_callback(self._notify_closed)
         else:
@@ -313,10 +390,10 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             return True
         return self._server.unsent_changed(self, size)
 
-    def _drain_waiter(self) -> asyncio.Future[None]:
+    def _drain_waiter(self) -> Awaitable[None]:
         if self._drain is None:
             self._drain = self._server.loop.create_future()
-        return self._drain
+        return _OwnWait(self, self._the_waiters(), self._drain)
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below the low-water mark."""
@@ -325,9 +402,80 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         if self._paused & PAUSED_WRITING:
             await self._drain_waiter()
 
-    def ping(self, payload: bytes = b"") -> None:
-        if self._state == OPEN:
-            self._write_frame(OP_PING, payload)
+    def close(self, code: int = 1000, reason: str = "") -> Awaitable[None]:  # type: ignore[override]
+        """Start the closing handshake (RFC 6455 7.1.2); TCP ends when the peer answers, or after
+        close_timeout.  ``await ws.close()`` waits for that, as in python-websockets; sync code
+        need not await it.  A code or reason that cannot go on the wire raises ValueError (nothing
+        is sent); closing a connection that is already closing or closed only waits."""
+        WebSocketProtocol.close(self, code, reason)
+        return _Closing(self)
+
+    def wait_closed(self) -> Awaitable[None]:
+        """An awaitable that is done when the connection has ended (TCP closed)."""
+        if self._state == CLOSED:
+            return READY
+        waiters = self._the_waiters()
+        if waiters.closed is None:
+            waiters.closed = self._server.loop.create_future()
+        return _OwnWait(self, waiters, asyncio.shield(waiters.closed))  # a cancelled waiter leaves the others waiting
+
+    def ping(self, payload: bytes | None = None) -> Awaitable[float]:
+        """Send a ping; the future resolves to the round trip in seconds when its pong comes (a
+        pong also answers every ping sent before it), as in python-websockets.  Without a payload
+        a unique 4-byte one is made.  Sync code need not await it.  On a connection that is not
+        open, or one that ends first, the future fails with ConnectionClosed."""
+        future: asyncio.Future[float] = self._server.loop.create_future()
+        waiters = self._the_waiters() if self._state == OPEN else _Waiters()
+        if self._state != OPEN:
+            future.set_exception(self.connection_closed_error())
+            future.exception()  # marked retrieved: sync callers never look
+            return _OwnWait(self, waiters, future)
+        pings = waiters.pings
+        if payload is None:
+            payload = _next_ping_payload()
+            while payload in pings:
+                payload = _next_ping_payload()
+        elif payload in pings:
+            raise ValueError("a ping with this payload is already waiting for its pong")
+        pings[payload] = (future, time.perf_counter())
+        self._write_frame(OP_PING, payload)
+        return _OwnWait(self, waiters, future)
+
+    def on_pong(self, payload: bytes) -> None:
+        """A pong while pings of user code are out (the wire core calls this only then)."""
+        pings = self._waiters.pings
+        if payload not in pings:
+            return  # unsolicited, or a keepalive ping's: allowed (RFC 6455 5.5.3)
+        now = time.perf_counter()
+        for key in list(pings):  # a pong answers its ping and every ping sent before it
+            future, sent = pings.pop(key)
+            if not future.done():
+                future.set_result(now - sent)
+            if key == payload:
+                break
+        self._release_waiters()
+
+    def _the_waiters(self) -> _Waiters:
+        if self._waiters is None:
+            self._waiters = _Waiters()
+        return self._waiters
+
+    def _release_waiters(self) -> None:
+        """Nothing left to wait for: hold no _Waiters (what traffic leaves behind stays nothing)."""
+        if self._waiters is not None and self._waiters.idle():
+            self._waiters = None
+
+    def _end_waits(self) -> None:
+        """The connection ended: wait_closed() is done, unanswered pings fail."""
+        waiters, self._waiters = self._waiters, None
+        if waiters.closed is not None and not waiters.closed.done():
+            waiters.closed.set_result(None)
+        if waiters.pings:
+            error = self.connection_closed_error()
+            for future, _ in waiters.pings.values():
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # marked retrieved: nobody may be waiting
 
     def abort(self) -> None:
         """Drop the TCP connection now (no closing handshake)."""

@@ -90,6 +90,14 @@ class Headers:
     def get_all(self, name: str) -> list[str]:
         return list(self._lookup().get(name.lower(), ()))
 
+    def __getitem__(self, name: str) -> str:
+        """``headers["Host"]``: the value of ``name`` (any case); several lines of it are one value
+        joined by ", " (RFC 9110 5.3); KeyError when there is none."""
+        values = self._lookup().get(name.lower())
+        if not values:
+            raise KeyError(name)
+        return values[0] if len(values) == 1 else ", ".join(values)
+
     def items(self) -> list[tuple[str, str]]:
         return list(self._pairs())
 
