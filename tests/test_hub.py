@@ -150,3 +150,38 @@ async def connect_raw_room(port: int, sock=None):  # type: ignore[no-untyped-def
     from wsraw import RawWS
 
     return await RawWS.connect(port, "/room", sock=sock)
+
+
+async def test_a_message_that_is_not_str_or_bytes_is_refused_by_name_and_nothing_is_sent(start_server):
+    """hub.publish / broadcast / send_to_user and session.send refuse a dict, an int... with a
+    TypeError that says what a message is (before a backplane would carry it to other nodes);
+    the members get nothing, and the connection goes on."""
+    app = App()
+    errors: list[str] = []
+
+    @app.route("/bad")
+    class Bad(Endpoint):
+        def on_open(self) -> None:
+            self.hub.join(self.session, "r")
+
+        def on_message(self, message: str | bytes) -> None:
+            attempts = (lambda: self.hub.publish("r", {"price": 1}), lambda: self.hub.broadcast(42),
+                        lambda: self.hub.send_to_user("u", ["a", "b"]), lambda: self.session.send(None))
+            for attempt in attempts:
+                try:
+                    attempt()
+                except TypeError as exc:
+                    errors.append(str(exc))
+            self.hub.publish("r", bytearray(b"fine"))  # any bytes-like object is a binary message
+
+    server, port = await start_server(app)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/bad", compression=None) as ws:
+        await ws.send("go")
+        assert await asyncio.wait_for(ws.recv(), 10) == b"fine"  # the first thing to arrive
+    assert errors == [
+        "a message is a str (text) or a bytes-like object (binary), not dict: encode it first (json.dumps, for one)",
+        "a message is a str (text) or a bytes-like object (binary), not int: encode it first (json.dumps, for one)",
+        "a message is a str (text) or a bytes-like object (binary), not list: a message is sent whole "
+        "(join the parts), or encode it (json.dumps, for one)",
+        "a message is a str (text) or a bytes-like object (binary), not NoneType",
+    ]

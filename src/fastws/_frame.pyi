@@ -198,6 +198,7 @@ class SessionCore:
     @property
     def closed(self) -> bool: ...
 
+def bad_message_reason(data: object) -> str: ...  # why data is no message (send()'s TypeError)
 def fanout(targets: list[Any], frame: bytes, exclude: Any = None) -> tuple[int, list[Any]]: ...
 # ^ an encoded plain frame to every open server session in targets, in C; returns (delivered, the
 #   members it left to the caller: those that compress, and non-SessionCore members)

@@ -10,7 +10,7 @@ Nothing here imports asyncio or touches a socket.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -716,6 +716,16 @@ cdef class Inbox:
         self._bytes = 0
 
 
+def bad_message_reason(data):
+    """Why ``data`` cannot be sent as a message (the text of the TypeError send() and the hub raise)."""
+    hint = ""
+    if isinstance(data, (list, tuple)):
+        hint = ": a message is sent whole (join the parts), or encode it (json.dumps, for one)"
+    elif isinstance(data, (dict, int, float)):
+        hint = ": encode it first (json.dumps, for one)"
+    return f"a message is a str (text) or a bytes-like object (binary), not {type(data).__name__}{hint}"
+
+
 cdef class _Wire:
     # (Fields are grouped by size, 8-byte ones first, so that the struct has no padding: a server
     # session's C object then fits pymalloc's 512-byte class instead of a malloc'd block.)
@@ -952,6 +962,8 @@ cdef class _Wire:
             return self._send_message(OPC_TEXT, p, n, None)
         if type(data) is bytes:
             return self._send_message(OPC_BINARY, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data)
+        if not PyObject_CheckBuffer(data):
+            raise TypeError(bad_message_reason(data))
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             # A mutable buffer may change after we return: never pass it on uncopied.

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastws._frame import OP_BINARY, OP_TEXT, encode_frame, fanout
+from fastws._frame import OP_BINARY, OP_TEXT, bad_message_reason, encode_frame, fanout
 
 if TYPE_CHECKING:
     from fastws.connection import Session
@@ -34,6 +34,16 @@ class Backplane(Protocol):
     def local_room(self, room: str, present: bool) -> None: ...
 
     def local_user(self, user: str, present: bool) -> None: ...
+
+
+def _check_message(message: Any) -> None:
+    """A message is a str or a bytes-like object: refused before anything is sent (to another node
+    too), with the reason."""
+    if not isinstance(message, (str, bytes)):
+        try:
+            memoryview(message)
+        except TypeError:
+            raise TypeError(bad_message_reason(message)) from None
 
 
 def _frame_for(message: str | bytes, deflate: Any = None) -> bytes:
@@ -103,6 +113,7 @@ class Hub:
     def send_to_user(self, user: Any, message: str | bytes) -> int:
         """Send to every session of ``user`` (on every node, given a backplane); returns how many
         local sessions it was written to."""
+        _check_message(message)
         if self.backplane is not None:
             self.backplane.send_to_user(str(user), message)
         return self._deliver(self._by_user.get(user, ()), message)
@@ -140,12 +151,14 @@ class Hub:
 
         Returns the number of local sessions it was written to.
         """
+        _check_message(message)
         if self.backplane is not None:
             self.backplane.publish(room, message)
         return self._deliver(self._rooms.get(room, ()), message, exclude)
 
     def broadcast(self, message: str | bytes, *, exclude: Session | None = None) -> int:
         """Send ``message`` to every open session (on every node, given a backplane)."""
+        _check_message(message)
         if self.backplane is not None:
             self.backplane.broadcast(message)
         return self._deliver(self.sessions.values(), message, exclude)
