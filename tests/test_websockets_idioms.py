@@ -25,7 +25,7 @@ async def test_the_idioms_of_a_websockets_handler(start_server) -> None:
 
     @app.route("/h")
     async def handler(ws):
-        seen["remote_address"] = ws.remote_address
+        seen["remote_address"], seen["local_address"] = ws.remote_address, ws.local_address
         seen["user_agent"] = ws.request.headers["User-Agent"]
         try:
             ws.request.headers["X-Not-Sent"]
@@ -44,10 +44,10 @@ async def test_the_idioms_of_a_websockets_handler(start_server) -> None:
         assert await client.recv() == "x"
         with pytest.raises(Exception) as ended:
             await client.recv()
-        local = client.local_address
+        local, remote = client.local_address, client.remote_address
     await asyncio.wait_for(done.wait(), 10)
     assert (ended.value.rcvd.code, ended.value.rcvd.reason) == (4000, "done here")
-    assert seen["remote_address"] == local
+    assert (seen["remote_address"], seen["local_address"]) == (local, remote)
     assert seen["user_agent"] == "idiom-test/1"
     assert seen["missing"] == ("X-Not-Sent",)
     assert isinstance(seen["latency"], float) and 0 < seen["latency"] < 5

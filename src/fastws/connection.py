@@ -171,6 +171,12 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         return transport.get_extra_info("peername") if transport is not None else None
 
     @property
+    def local_address(self) -> tuple[Any, ...] | None:
+        """The server's end of the TCP connection, as the socket gives it; None once it is gone."""
+        transport = self.transport
+        return transport.get_extra_info("sockname") if transport is not None else None
+
+    @property
     def hub(self) -> Any:
         return self._server.hub
 
