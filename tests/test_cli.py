@@ -255,6 +255,34 @@ async def test_port_in_use_is_one_clear_line(spawn) -> None:
     assert str(port) in output and len(output.splitlines()) == 1, output
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (("--port", "99999"), "a port is a number from 0 to 65535, not 99999"),  # the kernel would take 34463
+    (("--port", "-1"), "a port is a number from 0 to 65535, not -1"),
+    (("--workers", "0"), "at least one worker, not 0"),
+])
+async def test_a_port_or_worker_count_that_cannot_work_is_refused(spawn, args: tuple[str, ...], says: str) -> None:
+    proc = spawn("serve", *args)
+    code = await proc.wait(20)
+    assert code == 2 and says in proc.output and "Traceback" not in proc.output, proc.output
+
+
+def test_run_and_listen_refuse_ports_and_worker_counts_that_cannot_work() -> None:
+    from fastws import App, run
+    from fastws.server import Server
+
+    with pytest.raises(ValueError, match="workers must be at least 1, not 0"):
+        run(App(), port=0, workers=0)
+    with pytest.raises(ValueError, match="port must be a number from 0 to 65535, not 70000"):
+        run(App(), port=70000)
+
+    async def listen() -> None:
+        server = Server(App(), Config())
+        await server.listen("127.0.0.1", 65536)
+
+    with pytest.raises(ValueError, match="port must be a number from 0 to 65535, not 65536"):
+        asyncio.run(listen())
+
+
 async def test_workers_that_cannot_start_make_the_master_fail(spawn) -> None:
     with socket.socket() as busy:  # bound without SO_REUSEPORT: the workers can't share it
         busy.bind(("127.0.0.1", 0))

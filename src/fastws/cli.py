@@ -24,18 +24,34 @@ def load_app(spec: str) -> App:
         raise SystemExit(f"fastws: cannot import module {module_name!r}: {exc}") from None
     except Exception as exc:  # the module itself raised while importing
         raise SystemExit(f"fastws: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise SystemExit(f"fastws: module {module_name!r} has no attribute {attr!r} (the app is 'module:attribute')")
+    app = getattr(module, attr)
     if not isinstance(app, App):
         raise SystemExit(f"fastws: {spec!r} is not a fastws.App (found {type(app).__name__})")
     return app
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {port}")
+    return port
+
+
+def worker_count(text: str) -> int:
+    workers = int(text)
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"at least one worker, not {workers}")
+    return workers
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a fastws app (the demo app when none is given)")
     p.add_argument("app", nargs="?", default="fastws.demo:app", help="module:attribute (default: the demo)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--workers", type=worker_count, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     defaults = Config()
     p.add_argument("--max-message-size", type=int, default=defaults.max_message_size)

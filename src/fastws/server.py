@@ -90,7 +90,10 @@ class Server:
                      reuse_port: bool = False, backlog: int = 4096,
                      ssl: ssl.SSLContext | None = None) -> list[tuple[str, int]]:
         """Start accepting (TLS with ``ssl``: every route is then https:// and wss://); returns the
-        bound addresses."""
+        bound addresses.  A port outside 0..65535 is a ValueError (the kernel would take it modulo
+        65536)."""
+        if sock is None and not (isinstance(port, int) and 0 <= port <= 65535):
+            raise ValueError(f"port must be a number from 0 to 65535, not {port!r}")
         if self.config.transport == "aiofastnet":
             import aiofastnet
 
@@ -388,9 +391,14 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1
 
     With workers > 1, that many processes share the port (SO_REUSEPORT) under
     a supervisor (fastws.workers).  Raises OSError if the port cannot be
-    opened (workers == 1).  ``ssl``: serve TLS (see ``tls_context``).
+    opened (workers == 1), ValueError for a port outside 0..65535 or fewer than one worker.
+    ``ssl``: serve TLS (see ``tls_context``).
     """
-    if workers <= 1:
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers must be at least 1, not {workers!r}")
+    if not (isinstance(port, int) and 0 <= port <= 65535):
+        raise ValueError(f"port must be a number from 0 to 65535, not {port!r}")
+    if workers == 1:
         run_one(app, host, port, config, False, ssl)
         return 0
     import dataclasses
