@@ -331,6 +331,21 @@ def test_keepalive_settings_that_cannot_work_are_refused() -> None:
     assert Config(ping_interval=0, ping_timeout=None, idle_timeout=0).ping_timeout is None
 
 
+@pytest.mark.parametrize(("bad", "says"), [
+    ({"max_message_size": "1M"}, "max_message_size must be a whole number >= 0, not '1M'"),
+    ({"compression_window_bits": 20}, "compression_window_bits must be between 8 and 15, not 20"),
+    ({"compression_mem_level": 0}, "compression_mem_level must be between 1 and 9, not 0"),
+    # a string where a list belongs: "in" would match any substring of it (an Origin of "http:")
+    ({"allowed_origins": "https://app.example"}, "allowed_origins must be a list of strings"),
+    ({"subprotocols": "chat"}, "subprotocols must be a list of strings"),
+    ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies must be a list of strings"),
+])
+def test_config_values_that_cannot_work_are_refused_by_name(bad: dict, says: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        Config(**bad)
+    assert says in str(refused.value)
+
+
 async def test_keepalive_raw_client_answering_pings_stays(start_server) -> None:
     app, _ = echo_app()
     server, port = await start_server(app, ping_interval=0.2, ping_timeout=0.2)

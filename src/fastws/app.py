@@ -66,9 +66,18 @@ class Config:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
         for name in ("max_message_size", "max_connections", "max_pending_handshakes", "max_frames_per_read",
                      "max_send_buffer", "send_budget", "max_queue_bytes", "max_connections_per_ip",
-                     "malloc_trim_threshold"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
+                     "malloc_trim_threshold", "compress_threshold", "max_head_size", "max_headers",
+                     "write_high_water", "max_queue"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+        for name in ("allowed_origins", "subprotocols", "trusted_proxies"):
+            if isinstance(getattr(self, name), (str, bytes)):  # "in" would match substrings
+                raise ValueError(f"{name} must be a list of strings, not the string {getattr(self, name)!r}")
+        if not 8 <= self.compression_window_bits <= 15:
+            raise ValueError(f"compression_window_bits must be between 8 and 15, not {self.compression_window_bits!r}")
+        if not 1 <= self.compression_mem_level <= 9:
+            raise ValueError(f"compression_mem_level must be between 1 and 9, not {self.compression_mem_level!r}")
         for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout", "keepalive_timeout"):
             if name == "ping_timeout" and self.ping_timeout is None:
                 continue  # pings go on every interval; a silent client is never closed for them
