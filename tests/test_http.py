@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import pytest
+import websockets
 
 from fastws import App, Config, Endpoint, Response
 from fastws.handshake import Headers
@@ -221,3 +223,37 @@ async def test_forwarded_header_over_a_socket(start_server) -> None:
     extra = [("Forwarded", 'for="[2001:db8::7]:1234";proto=https')]
     async with await RawWS.connect(port, "/info", extra=extra) as ws:
         assert await ws.recv_message() == (0x1, b"2001:db8::7")
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("chat", "must start with '/'"),
+    ("/room/{", "a parameter is {name}"),  # a brace no request path can hold: a route that never matches
+    ("/room/{a-b}", "a parameter is {name}"),
+    ("/room/{id}/{id}", "names a parameter twice"),
+])
+def test_a_route_that_could_never_match_is_refused_by_name(path: str, says: str) -> None:
+    async def handler(ws):  # type: ignore[no-untyped-def]
+        pass
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        App().route(path)(handler)
+
+
+def test_a_sync_function_as_a_websocket_handler_is_refused_with_what_to_write() -> None:
+    def handler(ws):  # type: ignore[no-untyped-def]
+        pass
+
+    with pytest.raises(TypeError, match=r"a handler is `async def handler\(ws\)`"):
+        App().route("/ws")(handler)
+
+
+async def test_route_parameters_reach_the_handler(start_server) -> None:
+    app = App()
+
+    @app.route("/room/{room}/{user_id}")
+    async def handler(ws):  # type: ignore[no-untyped-def]
+        await ws.send(f"{ws.params['room']}:{ws.params['user_id']}")
+
+    server, port = await start_server(app)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/room/lobby/42") as ws:
+        assert await ws.recv() == "lobby:42"

@@ -282,7 +282,8 @@ class App:
             elif inspect.iscoroutinefunction(target):
                 self._add(path, HANDLER, target, on_connect=on_connect)
             else:
-                raise TypeError(f"{target!r} is neither an Endpoint subclass nor an async function")
+                raise TypeError(f"{target!r} is neither an Endpoint subclass nor an async function: a handler "
+                                "is `async def handler(ws)`, and sync code goes in an Endpoint's on_message")
             return target
 
         return register
@@ -302,6 +303,12 @@ class App:
     def _add(self, path: str, kind: str, target: Any, **flags: Any) -> None:
         if not path.startswith("/"):
             raise ValueError(f"route {path!r} must start with '/'")
+        names = re.findall(r"\{(\w+)\}", path)
+        rest = re.sub(r"\{\w+\}", "", path)
+        if "{" in rest or "}" in rest:  # a stray brace would be a literal no request path can hold
+            raise ValueError(f"route {path!r}: a parameter is {{name}}, letters, digits and _ between braces")
+        if len(set(names)) != len(names):
+            raise ValueError(f"route {path!r} names a parameter twice")
         pattern = re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")
         # a later registration of the same path replaces the earlier one (e.g. /healthz)
         self._routes = [r for r in self._routes if r.pattern.pattern != pattern.pattern]
