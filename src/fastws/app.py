@@ -72,7 +72,7 @@ class Config:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
         for name in ("allowed_origins", "subprotocols", "trusted_proxies"):
-            if isinstance(getattr(self, name), (str, bytes)):  # "in" would match substrings
+            if isinstance(getattr(self, name), (str, bytes)):  # it would be taken as its characters
                 raise ValueError(f"{name} must be a list of strings, not the string {getattr(self, name)!r}")
         if not 8 <= self.compression_window_bits <= 15:
             raise ValueError(f"compression_window_bits must be between 8 and 15, not {self.compression_window_bits!r}")
