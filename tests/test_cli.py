@@ -256,8 +256,9 @@ async def test_port_in_use_is_one_clear_line(spawn) -> None:
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (("--port", "99999"), "a port is a number from 0 to 65535, not 99999"),  # the kernel would take 34463
-    (("--port", "-1"), "a port is a number from 0 to 65535, not -1"),
+    (("--port", "99999"), "port must be a number from 0 to 65535, not '99999'"),  # the kernel would take 34463
+    (("--port", "-1"), "port must be a number from 0 to 65535, not '-1'"),
+    (("--port", "http"), "port must be a number from 0 to 65535, not 'http'"),
     (("--workers", "0"), "at least one worker, not 0"),
 ])
 async def test_a_port_or_worker_count_that_cannot_work_is_refused(spawn, args: tuple[str, ...], says: str) -> None:
@@ -268,12 +269,13 @@ async def test_a_port_or_worker_count_that_cannot_work_is_refused(spawn, args: t
 
 def test_run_and_listen_refuse_ports_and_worker_counts_that_cannot_work() -> None:
     from fastws import App, run
-    from fastws.server import Server
+    from fastws.server import Server, port_number
 
     with pytest.raises(ValueError, match="workers must be at least 1, not 0"):
         run(App(), port=0, workers=0)
     with pytest.raises(ValueError, match="port must be a number from 0 to 65535, not 70000"):
         run(App(), port=70000)
+    assert port_number("8080") == 8080  # an environment variable's string is a port too
 
     async def listen() -> None:
         server = Server(App(), Config())

@@ -229,6 +229,7 @@ async def test_forwarded_header_over_a_socket(start_server) -> None:
     ("chat", "must start with '/'"),
     ("/room/{", "a parameter is {name}"),  # a brace no request path can hold: a route that never matches
     ("/room/{a-b}", "a parameter is {name}"),
+    ("/room/{1x}", "a parameter is {name}"),  # not an identifier: no regex group can have that name
     ("/room/{id}/{id}", "names a parameter twice"),
 ])
 def test_a_route_that_could_never_match_is_refused_by_name(path: str, says: str) -> None:

@@ -335,6 +335,10 @@ def test_keepalive_settings_that_cannot_work_are_refused() -> None:
     ({"max_message_size": "1M"}, "max_message_size must be a whole number >= 0, not '1M'"),
     ({"compression_window_bits": 20}, "compression_window_bits must be between 8 and 15, not 20"),
     ({"compression_mem_level": 0}, "compression_mem_level must be between 1 and 9, not 0"),
+    ({"compression_window_bits": None}, "compression_window_bits must be between 8 and 15, not None"),
+    ({"max_headers": 0}, "max_headers must be at least 1, not 0"),  # would refuse every request
+    ({"ping_interval": float("nan")}, "ping_interval must be a number of seconds"),
+    ({"close_timeout": float("inf")}, "close_timeout must be a positive number of seconds"),
     # a string where a list belongs is taken as its characters (every real Origin got 403; subprotocol "c")
     ({"allowed_origins": "https://app.example"}, "allowed_origins must be a list of strings"),
     ({"subprotocols": "chat"}, "subprotocols must be a list of strings"),

@@ -1,11 +1,13 @@
 """A handler written for python-websockets runs unchanged on fastws: ``await ws.close()``,
-``await ws.wait_closed()``, ``latency = await ws.ping()``, ``ws.remote_address`` and
-``ws.request.headers["..."]`` behave as there, over real sockets with python-websockets (and a raw
-client that never answers pings) on the other end; sync code that does not await them stays quiet."""
+``await ws.wait_closed()``, ``pong_waiter = await ws.ping(); latency = await pong_waiter``,
+``ws.remote_address`` and ``ws.request.headers["..."]`` behave as there, over real sockets with
+python-websockets (and a raw client that never answers pings) on the other end; sync code that does
+not await them stays quiet."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -31,7 +33,8 @@ async def test_the_idioms_of_a_websockets_handler(start_server) -> None:
             ws.request.headers["X-Not-Sent"]
         except KeyError as exc:
             seen["missing"] = exc.args
-        seen["latency"] = await ws.ping()  # python-websockets answers it
+        pong_waiter = await ws.ping()  # python-websockets answers it
+        seen["latency"] = await pong_waiter
         await ws.send(await ws.recv())
         await ws.close(4000, "done here")
         seen["state_after_close"] = (ws.closed, ws.close_code, ws.close_reason)
@@ -77,22 +80,26 @@ async def test_a_pong_answers_its_ping_and_the_earlier_ones_and_unknown_pongs_ar
 
     @app.route("/p")
     async def handler(ws):
-        first, second = ws.ping(b"one"), ws.ping(b"two")
+        first, second = await ws.ping(b"one"), await ws.ping("two")  # a str goes as its UTF-8
         with pytest.raises(ValueError, match="already waiting"):
             ws.ping(b"two")
+        with pytest.raises(ValueError, match="at most 125 bytes"):
+            ws.ping(b"x" * 126)  # refused before anything is sent or kept
+        third = await ws.ping(bytearray(b"x" * 125))
         await ws.send("pinged")
-        results.set_result(await asyncio.gather(first, second))
+        results.set_result(await asyncio.gather(first, second, third))
         await ws.recv()  # until the client goes
 
     server, port = await start_server(app)
     async with await RawWS.connect(port, "/p") as raw:
-        pings = [await raw.recv_frame(10), await raw.recv_frame(10)]
-        assert [(f.opcode, f.payload) for f in pings] == [(OP_PING, b"one"), (OP_PING, b"two")]
+        pings = [await raw.recv_frame(10) for _ in range(3)]
+        assert [(f.opcode, f.payload) for f in pings] == [(OP_PING, b"one"), (OP_PING, b"two"),
+                                                          (OP_PING, b"x" * 125)]
         assert await raw.recv_message(10) == (OP_TEXT, b"pinged")
         await raw.send_frame(OP_PONG, b"nobody asked")  # unsolicited: allowed, ignored
-        await raw.send_frame(OP_PONG, b"two")  # answers "one" too
-        first, second = await asyncio.wait_for(results, 10)
-        assert 0 < first and 0 < second
+        await raw.send_frame(OP_PONG, b"x" * 125)  # answers "one" and "two" too
+        latencies = await asyncio.wait_for(results, 10)
+        assert all(latency > 0 for latency in latencies)
 
 
 async def test_unanswered_pings_fail_with_connection_closed_and_sync_code_stays_quiet(
@@ -103,8 +110,11 @@ async def test_unanswered_pings_fail_with_connection_closed_and_sync_code_stays_
 
     @app.route("/awaits")
     async def awaits(ws):
+        pong_waiter = await ws.ping()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.recv()  # until the client drops: then the pong will never come
         try:
-            await ws.ping()
+            await pong_waiter
         except ConnectionClosed as exc:
             handler_saw.set_result(exc.code)
 
@@ -159,3 +169,64 @@ async def test_a_send_waiting_for_a_slow_client_that_vanishes_raises_connection_
     await asyncio.wait_for(waiting.wait(), 10)
     raw.abort()
     assert await asyncio.wait_for(outcome, 10) == ("closed", 1006)
+
+
+async def test_a_send_cancelled_by_a_timeout_leaves_the_next_send_working(start_server) -> None:
+    """``asyncio.timeout`` around ``await ws.send(x)`` to a client that is not reading: the next
+    send waits again (it used to get the cancelled wait back and raise CancelledError), and once
+    the client reads, everything arrives in order."""
+    app = App()
+    log: list = []
+    client_reads = asyncio.Event()
+
+    @app.route("/slow")
+    async def slow(ws):
+        sent = 0
+        while True:  # fill the buffers until a send has to wait
+            waiting = ws.send(b"%08d" % sent + b"z" * 65528)
+            sent += 1
+            if waiting is not READY:
+                break
+        try:
+            async with asyncio.timeout(0.2):
+                await waiting
+        except TimeoutError:
+            log.append("timed out")
+        client_reads.set()
+        await ws.send(b"%08d" % sent + b"z" * 65528)  # waits until the client has read enough
+        await ws.send("end")
+        log.append(("sent", sent + 1))
+
+    server, port = await start_server(app)
+    async with await RawWS.connect(port, "/slow") as raw:
+        await asyncio.wait_for(client_reads.wait(), 10)
+        seen = []
+        while (message := await raw.recv_message(10)) != (OP_TEXT, b"end"):
+            seen.append(int(message[1][:8]))
+    assert log == ["timed out", ("sent", len(seen))]
+    assert seen == list(range(len(seen)))
+
+
+async def test_sends_nobody_awaits_while_the_client_is_slow_leave_nothing_behind(start_server) -> None:
+    """Sync sends while the transport is paused, then a client that catches up: the session holds
+    no waiting state afterwards (traffic leaves nothing per connection), and no exception is left
+    unretrieved when such a connection dies."""
+    app = App()
+    sessions: list = []
+
+    @app.route("/sync")
+    class Pusher(Endpoint):
+        def on_open(self):
+            sessions.append(self.session)
+            for _ in range(64):
+                self.session.send(b"y" * 65536)  # never awaited; the transport pauses on the way
+            self.session.send("end")
+
+    server, port = await start_server(app)
+    async with await RawWS.connect(port, "/sync") as raw:
+        while await raw.recv_message(10) != (OP_TEXT, b"end"):
+            pass
+        session = sessions[0]
+        while session.write_buffer_size:
+            await asyncio.sleep(0.01)
+        assert session._waiters is None  # noqa: SLF001 - what an idle session holds is the point

@@ -74,18 +74,21 @@ class Config:
         for name in ("allowed_origins", "subprotocols", "trusted_proxies"):
             if isinstance(getattr(self, name), (str, bytes)):  # it would be taken as its characters
                 raise ValueError(f"{name} must be a list of strings, not the string {getattr(self, name)!r}")
-        if not 8 <= self.compression_window_bits <= 15:
-            raise ValueError(f"compression_window_bits must be between 8 and 15, not {self.compression_window_bits!r}")
-        if not 1 <= self.compression_mem_level <= 9:
-            raise ValueError(f"compression_mem_level must be between 1 and 9, not {self.compression_mem_level!r}")
+        for name in ("max_head_size", "max_headers", "max_frames_per_read"):
+            if getattr(self, name) < 1:  # 0 would refuse every request (or read no frame)
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name, low, high in (("compression_window_bits", 8, 15), ("compression_mem_level", 1, 9)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and low <= value <= high):
+                raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
         for name in ("close_timeout", "handshake_timeout", "ping_timeout", "drain_timeout", "keepalive_timeout"):
             if name == "ping_timeout" and self.ping_timeout is None:
                 continue  # pings go on every interval; a silent client is never closed for them
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+            if not isinstance(getattr(self, name), (int, float)) or not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
         for name in ("ping_interval", "idle_timeout"):  # None or 0: off
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
                 raise ValueError(f"{name} must be a number of seconds (0 or None: off), not {value!r}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, not {self.max_queue!r}")
@@ -303,10 +306,10 @@ class App:
     def _add(self, path: str, kind: str, target: Any, **flags: Any) -> None:
         if not path.startswith("/"):
             raise ValueError(f"route {path!r} must start with '/'")
-        names = re.findall(r"\{(\w+)\}", path)
-        rest = re.sub(r"\{\w+\}", "", path)
+        names = re.findall(r"\{([A-Za-z_]\w*)\}", path)
+        rest = re.sub(r"\{[A-Za-z_]\w*\}", "", path)
         if "{" in rest or "}" in rest:  # a stray brace would be a literal no request path can hold
-            raise ValueError(f"route {path!r}: a parameter is {{name}}, letters, digits and _ between braces")
+            raise ValueError(f"route {path!r}: a parameter is {{name}}, a Python identifier between braces")
         if len(set(names)) != len(names):
             raise ValueError(f"route {path!r} names a parameter twice")
         pattern = re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")

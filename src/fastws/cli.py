@@ -8,7 +8,7 @@ import sys
 
 from fastws.app import App, Config
 from fastws.logs import LOG_FORMATS, configure
-from fastws.server import run, tls_context
+from fastws.server import port_number, run, tls_context
 
 
 def load_app(spec: str) -> App:
@@ -32,11 +32,11 @@ def load_app(spec: str) -> App:
     return app
 
 
-def port_number(text: str) -> int:
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {port}")
-    return port
+def port_arg(text: str) -> int:
+    try:
+        return port_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def worker_count(text: str) -> int:
@@ -50,7 +50,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a fastws app (the demo app when none is given)")
     p.add_argument("app", nargs="?", default="fastws.demo:app", help="module:attribute (default: the demo)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--port", type=port_arg, default=8000)
     p.add_argument("--workers", type=worker_count, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     defaults = Config()

@@ -80,31 +80,50 @@ class _Waiters:
 
 
 class _OwnWait:
-    """Awaiting one of the session's own futures (a pong, the end, room in the send buffer).  A
-    connection that dies meanwhile ends such a wait with ConnectionClosed, as python-websockets
-    does, where a wait on anything else is cancelled (Session.connection_lost)."""
+    """Awaiting one of the session's own futures (room in the send buffer, the end).  A connection
+    that dies meanwhile ends such a wait with ConnectionClosed, as python-websockets does, where a
+    wait on anything else is cancelled (Session.connection_lost).  The future is shared (several
+    sends may wait for the same drain): each await shields it, so a cancelled waiter leaves it to
+    the others.  Task and shield are made when it is awaited, not before: a send() nobody awaits
+    leaves nothing behind (and no exception nobody retrieves)."""
 
-    __slots__ = ("_session", "_waiters", "_future")
+    __slots__ = ("_session", "_future")
 
-    def __init__(self, session: Session, waiters: _Waiters, future: asyncio.Future[Any]) -> None:
+    def __init__(self, session: Session, future: asyncio.Future[Any]) -> None:
         self._session: Session | None = session
-        self._waiters = waiters
         self._future = future
 
     def __await__(self) -> Generator[Any, None, Any]:
-        tasks = self._waiters.tasks
+        session = self._session
+        if session is None:  # awaited again: the wait is over
+            return (yield from self._future.__await__())
+        self._session = None
+        tasks = session._the_waiters().tasks
         task = asyncio.current_task()
         tasks.append(task)
         try:
-            return (yield from self._future.__await__())
+            return (yield from asyncio.shield(self._future).__await__())
         finally:
             # A traceback through here keeps this frame: it must hold neither the task (a cycle:
             # the task would wait for a garbage collection to go) nor the session.
             tasks.remove(task)
             del task
-            if self._session is not None:
-                self._session._release_waiters()
-                self._session = None
+            session._release_waiters()
+            del session
+
+
+class _PingSent:
+    """What ping() returns (the ping is already on its way): awaiting it gives the future of its
+    pong, as in python-websockets: ``pong_waiter = await ws.ping(); latency = await pong_waiter``."""
+
+    __slots__ = ("_pong",)
+
+    def __init__(self, pong: asyncio.Future[float]) -> None:
+        self._pong = pong
+
+    def __await__(self) -> Generator[Any, None, asyncio.Future[float]]:
+        return self._pong
+        yield  # (a generator that returns at once: awaiting does not suspend)
 
 
 class _Closing:
@@ -397,9 +416,9 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         return self._server.unsent_changed(self, size)
 
     def _drain_waiter(self) -> Awaitable[None]:
-        if self._drain is None:
+        if self._drain is None or self._drain.done():  # (done: a waiter was cancelled; start afresh)
             self._drain = self._server.loop.create_future()
-        return _OwnWait(self, self._the_waiters(), self._drain)
+        return _OwnWait(self, self._drain)
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below the low-water mark."""
@@ -423,19 +442,24 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         waiters = self._the_waiters()
         if waiters.closed is None:
             waiters.closed = self._server.loop.create_future()
-        return _OwnWait(self, waiters, asyncio.shield(waiters.closed))  # a cancelled waiter leaves the others waiting
+        return _OwnWait(self, waiters.closed)
 
-    def ping(self, payload: bytes | None = None) -> Awaitable[float]:
-        """Send a ping; the future resolves to the round trip in seconds when its pong comes (a
-        pong also answers every ping sent before it), as in python-websockets.  Without a payload
-        a unique 4-byte one is made.  Sync code need not await it.  On a connection that is not
-        open, or one that ends first, the future fails with ConnectionClosed."""
+    def ping(self, payload: str | bytes | bytearray | memoryview | None = None) -> Awaitable[asyncio.Future[float]]:
+        """Send a ping now; as in python-websockets, ``pong_waiter = await ws.ping()`` gives a future
+        that resolves to the round trip in seconds when the pong comes (a pong also answers every
+        ping sent before it); ``latency = await pong_waiter``.  Without a payload a unique 4-byte one
+        is made; a str is sent as its UTF-8.  Sync code need not await anything.  On a connection
+        that is not open, or that ends first, the future fails with ConnectionClosed."""
+        if payload is not None:
+            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+            if len(payload) > 125:
+                raise ValueError(f"a ping's payload is at most 125 bytes (RFC 6455 5.5), not {len(payload)}")
         future: asyncio.Future[float] = self._server.loop.create_future()
-        waiters = self._the_waiters() if self._state == OPEN else _Waiters()
         if self._state != OPEN:
             future.set_exception(self.connection_closed_error())
             future.exception()  # marked retrieved: sync callers never look
-            return _OwnWait(self, waiters, future)
+            return _PingSent(future)
+        waiters = self._the_waiters()
         pings = waiters.pings
         if payload is None:
             payload = _next_ping_payload()
@@ -443,14 +467,15 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
                 payload = _next_ping_payload()
         elif payload in pings:
             raise ValueError("a ping with this payload is already waiting for its pong")
-        pings[payload] = (future, time.perf_counter())
         self._write_frame(OP_PING, payload)
-        return _OwnWait(self, waiters, future)
+        pings[payload] = (future, time.perf_counter())
+        return _PingSent(future)
 
     def on_pong(self, payload: bytes) -> None:
         """A pong while pings of user code are out (the wire core calls this only then)."""
         pings = self._waiters.pings
         if payload not in pings:
+            self._release_waiters()
             return  # unsolicited, or a keepalive ping's: allowed (RFC 6455 5.5.3)
         now = time.perf_counter()
         for key in list(pings):  # a pong answers its ping and every ping sent before it

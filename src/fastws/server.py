@@ -92,8 +92,8 @@ class Server:
         """Start accepting (TLS with ``ssl``: every route is then https:// and wss://); returns the
         bound addresses.  A port outside 0..65535 is a ValueError (the kernel would take it modulo
         65536)."""
-        if sock is None and not (isinstance(port, int) and 0 <= port <= 65535):
-            raise ValueError(f"port must be a number from 0 to 65535, not {port!r}")
+        if sock is None:
+            port = port_number(port)
         if self.config.transport == "aiofastnet":
             import aiofastnet
 
@@ -365,6 +365,15 @@ def tls_context(certfile: str, keyfile: str | None = None, *, password: str | No
     return context
 
 
+def port_number(port: int | str) -> int:
+    """A TCP port, also as a string (an environment variable's); ValueError outside 0..65535 (the
+    kernel would take it modulo 65536)."""
+    number = int(port) if isinstance(port, str) and port.strip().isdigit() else port
+    if not (isinstance(number, int) and 0 <= number <= 65535):
+        raise ValueError(f"port must be a number from 0 to 65535, not {port!r}")
+    return number
+
+
 async def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, config: Config | None = None,
                 reuse_port: bool = False, ready: Callable[[list[tuple[str, int]]], None] | None = None,
                 ssl: ssl.SSLContext | None = None) -> None:
@@ -396,8 +405,7 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1
     """
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"workers must be at least 1, not {workers!r}")
-    if not (isinstance(port, int) and 0 <= port <= 65535):
-        raise ValueError(f"port must be a number from 0 to 65535, not {port!r}")
+    port = port_number(port)
     if workers == 1:
         run_one(app, host, port, config, False, ssl)
         return 0
