@@ -140,13 +140,14 @@ async def test_close_timeout_drops_a_silent_server():
 async def test_ping_resolves_with_the_round_trip_time(start_server, demo_app):
     _, port = await start_server(demo_app)
     async with connect(f"ws://127.0.0.1:{port}/echo") as ws:
-        rtt = await ws.ping()
+        pong_waiter = await ws.ping()  # python-websockets' shape: the ping is sent, here is its pong's future
+        rtt = await pong_waiter
         assert 0 < rtt < 1
-        first, second = ws.ping(b"a"), ws.ping(b"b")
+        first, second = await ws.ping(b"a"), await ws.ping(b"b")
         await asyncio.wait_for(asyncio.gather(first, second), 2)
         with pytest.raises(ValueError):
             ws.ping(b"c"), ws.ping(b"c")
-        await ws.ping(b"")  # an empty ping after the pending one answers both
+        await (await ws.ping(b""))  # an empty ping after the pending one answers both
 
 
 async def test_client_answers_server_pings(start_server, demo_app):

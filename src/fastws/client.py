@@ -48,6 +48,7 @@ from fastws.protocol import (
     READY,
     STATE_NAMES,
     Inbox,
+    PingSent,
     WebSocketProtocol,
     drop_message,
 )
@@ -442,8 +443,9 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
             self._drain = self._loop.create_future()
         return self._drain
 
-    def ping(self, payload: bytes | None = None) -> asyncio.Future[float]:
-        """Send a ping; the returned future resolves to the round-trip time (s) when the pong arrives."""
+    def ping(self, payload: bytes | None = None) -> PingSent:
+        """Send a ping now; as in python-websockets, ``pong_waiter = await ws.ping()`` gives a future
+        that resolves to the round trip (s) when the pong arrives."""
         if self._state != OPEN:
             raise self.connection_closed_error()
         if payload is None:
@@ -458,7 +460,7 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
         self._pings[payload] = (fut, time.perf_counter())
         assert self._writer is not None
         self._writer.send_ping(payload)
-        return fut
+        return PingSent(fut)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:  # type: ignore[override]
         """Closing handshake: send a close frame, wait for the server's and for TCP to end

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, READY, Inbox, SessionCore
 from fastws.errors import CloseCode, ConnectionClosed, ProtocolError
 from fastws.handshake import Request
-from fastws.protocol import CLOSED, OPEN, STATE_NAMES, WebSocketProtocol, drop_message
+from fastws.protocol import CLOSED, OPEN, STATE_NAMES, PingSent, WebSocketProtocol, drop_message
 
 if TYPE_CHECKING:
     from fastws.app import Route
@@ -110,20 +110,6 @@ class _OwnWait:
             del task
             session._release_waiters()
             del session
-
-
-class _PingSent:
-    """What ping() returns (the ping is already on its way): awaiting it gives the future of its
-    pong, as in python-websockets: ``pong_waiter = await ws.ping(); latency = await pong_waiter``."""
-
-    __slots__ = ("_pong",)
-
-    def __init__(self, pong: asyncio.Future[float]) -> None:
-        self._pong = pong
-
-    def __await__(self) -> Generator[Any, None, asyncio.Future[float]]:
-        return self._pong
-        yield  # (a generator that returns at once: awaiting does not suspend)
 
 
 class _Closing:
@@ -458,7 +444,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         if self._state != OPEN:
             future.set_exception(self.connection_closed_error())
             future.exception()  # marked retrieved: sync callers never look
-            return _PingSent(future)
+            return PingSent(future)
         waiters = self._the_waiters()
         pings = waiters.pings
         if payload is None:
@@ -469,7 +455,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             raise ValueError("a ping with this payload is already waiting for its pong")
         self._write_frame(OP_PING, payload)
         pings[payload] = (future, time.perf_counter())
-        return _PingSent(future)
+        return PingSent(future)
 
     def on_pong(self, payload: bytes) -> None:
         """A pong while pings of user code are out (the wire core calls this only then)."""

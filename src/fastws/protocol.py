@@ -26,7 +26,8 @@ still has unread data (a reset makes the peer drop our close frame unread).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Generator
 from typing import Any
 
 from fastws._frame import READY, Inbox, encode_close_payload, is_valid_close_code  # noqa: F401 (re-exported)
@@ -58,6 +59,21 @@ def truncate_reason(reason: str, limit: int = 123) -> str:
 def check_close(code: int, reason: str) -> None:
     """Raise ValueError for a close code or reason that may not go on the wire."""
     encode_close_payload(code, reason)  # ValueError names what is wrong
+
+
+class PingSent:
+    """What ping() returns, on the server's sessions and the client alike (the ping is already on
+    its way): awaiting it gives the future of its pong, as in python-websockets:
+    ``pong_waiter = await ws.ping(); latency = await pong_waiter``."""
+
+    __slots__ = ("_pong",)
+
+    def __init__(self, pong: asyncio.Future[float]) -> None:
+        self._pong = pong
+
+    def __await__(self) -> Generator[Any, None, asyncio.Future[float]]:
+        return self._pong
+        yield  # (a generator that returns at once: awaiting does not suspend)
 
 
 class WebSocketProtocol:
