@@ -285,8 +285,9 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
             inbox.end(self.connection_closed_error())
         task = self._task
         if task is not None and not task.done():
-            # A clean close lets the application finish; a dead connection cancels
-            # what it is still waiting for (unless that is this session's own recv()).
+            # A clean close lets the application finish; a dead connection cancels what it is
+            # still waiting for, unless that is this session's own recv() or another of its own
+            # waits (a send, wait_closed), which end with ConnectionClosed (or return) instead.
             if not clean and not in_recv and (waiters is None or task not in waiters.tasks):
                 task.cancel()
             task.add_done_callback(self._notify_closed)
