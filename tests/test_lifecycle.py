@@ -690,3 +690,11 @@ async def test_a_parked_handler_is_woken_by_the_read_in_its_own_task(start_serve
         assert await ws.recv() == f"twice: {[BUSY]}"
         await ws.send("c")
         assert await ws.recv() == "c who=handler same-task=True waited=True"
+
+
+def test_a_sessions_c_object_stays_in_pymalloc_s_largest_size_class() -> None:
+    """The session's C half fits pymalloc's 512-byte class exactly (GC header included): one more
+    field would make every connection a malloc'd block (docs/capacity.md's memory figure)."""
+    from fastws._frame import SessionCore
+
+    assert sys.getsizeof(SessionCore.__new__(SessionCore)) <= 512

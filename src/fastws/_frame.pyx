@@ -1722,7 +1722,8 @@ cdef class SessionCore(_Wire):
     cdef public object ka_next
     cdef public double opened_at     # the loop's clock at the 101 (the access log's duration)
     cdef int _fd                     # the socket, for fan-out writes past the transport (-1: never; FD_LATER)
-    # (the small fields below are small types: they keep the object within pymalloc's 512-byte class)
+    # (the small fields below are small types: they keep the object within pymalloc's 512-byte class,
+    # which it now fills exactly -- 496 bytes and the GC header: one more field is a malloc per session)
     cdef public unsigned short _close_code
     cdef public unsigned char _paused          # bits: PAUSED_WRITING, and the Python half's own
     cdef public unsigned char _state
