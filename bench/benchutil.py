@@ -54,13 +54,15 @@ def wait_listening(port: int, server: subprocess.Popen, seconds: float) -> None:
             time.sleep(0.05)
 
 
-def callgrind_instructions(serve_args: list[str], drive: Callable[[int], None]) -> int:
-    """Run `fastws serve` under callgrind, call ``drive(port)`` once it listens, stop it; returns the
-    instructions the server executed in all (its start-up included: callers subtract two runs)."""
+def callgrind_instructions(serve_args: list[str], drive: Callable[[int], None], peer: str = "") -> int:
+    """Run `fastws serve` (or ``peer``, a bench/servers script taking --port, for a peer library's
+    figure) under callgrind, call ``drive(port)`` once it listens, stop it; returns the instructions
+    the server executed in all (its start-up included: callers subtract two runs)."""
     port = free_port()
     out = tempfile.mktemp(prefix="callgrind.fastws.")
+    command = [peer] if peer else ["-m", "fastws", "serve"]
     server = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                               "-m", "fastws", "serve", "--port", str(port), *serve_args],
+                               *command, "--port", str(port), *serve_args],
                               stderr=subprocess.DEVNULL)  # the access log goes there too
     try:
         wait_listening(port, server, 120)

@@ -21,9 +21,9 @@ import base64
 import os
 import random
 import socket
-import zlib
 
 from benchutil import callgrind_instructions  # bench/benchutil.py
+from fastws.bench.native import deflate_message
 from handshake_cost import REQUEST  # bench/handshake_cost.py
 
 FRAME = b"\x81\xc0\x00\x00\x00\x00" + b"m" * 64  # masked (key 0) 64-byte text frame
@@ -35,8 +35,7 @@ def compressed_frame() -> bytes:
     """A masked (key 0) text frame with RSV1: one quote, raw deflate without the 00 00 ff ff tail."""
     from compression import quote  # bench/compression.py
 
-    stream = zlib.compressobj(6, zlib.DEFLATED, -15)
-    data = (stream.compress(quote(random.Random(1), 1).encode()) + stream.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    data = deflate_message(quote(random.Random(1), 1).encode())  # as `fastws bench --compression` sends it
     assert 126 <= len(data) < 65536
     return bytes([0xC1, 0x80 | 126]) + len(data).to_bytes(2, "big") + bytes(4) + data
 

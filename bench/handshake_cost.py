@@ -1,8 +1,10 @@
 """Server instructions per WebSocket handshake, under callgrind (repeatable on a busy machine).
 
     python bench/handshake_cost.py [--n 300 --m 900] [-- extra `fastws serve` options]
+    python bench/handshake_cost.py --peer bench/servers/picows_echo.py [-- --transport uvloop]
 
-Runs `fastws serve` (the demo app) under `valgrind --tool=callgrind` twice, once for N and once
+Runs `fastws serve` (the demo app; with --peer, that bench/servers script instead: a peer library's
+figure beside ours) under `valgrind --tool=callgrind` twice, once for N and once
 for M sequential cycles of: TCP connect, upgrade, 101, one echoed message, closing handshake.
 Prints (Ir(M) - Ir(N)) / (M - N): the server's instructions per cycle, start-up cancelled out.
 """
@@ -44,26 +46,28 @@ def cycle(port: int) -> None:
             pass
 
 
-def run_server(cycles: int, extra: list[str]) -> int:
+def run_server(cycles: int, extra: list[str], peer: str = "") -> int:
     def drive(port: int) -> None:
         cycle(port)  # warm-up (the probe connection above also went through the HTTP phase)
         for _ in range(cycles):
             cycle(port)
 
-    return callgrind_instructions(extra, drive)
+    return callgrind_instructions(extra, drive, peer)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--m", type=int, default=900)
-    parser.add_argument("serve_args", nargs="*", help="extra `fastws serve` options (after --)")
+    parser.add_argument("--peer", default="", metavar="SCRIPT",
+                        help="a bench/servers echo script to measure instead of `fastws serve`")
+    parser.add_argument("serve_args", nargs="*", help="extra options of the server (after --)")
     args = parser.parse_args()
-    low = run_server(args.n, args.serve_args)
-    high = run_server(args.m, args.serve_args)
+    low = run_server(args.n, args.serve_args, args.peer)
+    high = run_server(args.m, args.serve_args, args.peer)
     per = (high - low) / (args.m - args.n)
     print(f"{per:,.0f} server instructions per handshake cycle ({args.n} vs {args.m} cycles; "
-          f"serve {' '.join(args.serve_args) or '(defaults)'})")
+          f"{args.peer or 'serve'} {' '.join(args.serve_args) or '(defaults)'})")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ class Config:
         for name in ("allowed_origins", "subprotocols", "trusted_proxies"):
             if isinstance(getattr(self, name), (str, bytes)):  # it would be taken as its characters
                 raise ValueError(f"{name} must be a list of strings, not the string {getattr(self, name)!r}")
-        for name in ("max_head_size", "max_headers", "max_frames_per_read"):
-            if getattr(self, name) < 1:  # 0 would refuse every request (or read no frame)
+        for name in ("max_head_size", "max_headers", "max_frames_per_read", "max_queue"):
+            if getattr(self, name) < 1:  # 0 would refuse every request, read no frame, queue nothing
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         for name, low, high in (("compression_window_bits", 8, 15), ("compression_mem_level", 1, 9)):
             value = getattr(self, name)
@@ -90,8 +90,6 @@ class Config:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
                 raise ValueError(f"{name} must be a number of seconds (0 or None: off), not {value!r}")
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be at least 1, not {self.max_queue!r}")
         nct = self.compression_no_context_takeover
         if nct:  # one shared stream per process: the full window costs nothing per connection
             bits, mem_level = 15, 8

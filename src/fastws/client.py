@@ -31,7 +31,6 @@ import functools
 import logging
 import ssl as _ssl
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +47,7 @@ from fastws.protocol import (
     READY,
     STATE_NAMES,
     Inbox,
+    Pings,
     PingSent,
     WebSocketProtocol,
     drop_message,
@@ -134,7 +134,6 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
         "_paused",
         "_drain",
         "_pings",
-        "_ping_seq",
         "pings_received",
         "_on_close",
         "response_head",
@@ -187,8 +186,7 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
         self._inbox = Inbox(loop, self, ClientConnection._inbox_flow, max_messages=max_queue, max_bytes=0)
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
-        self._ping_seq = 0
+        self._pings = Pings()
         self.pings_received = 0
 
     @property
@@ -310,11 +308,7 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
         if drain is not None and not drain.done():
             drain.set_exception(error)
             drain.exception()
-        for fut, _ in self._pings.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()
-        self._pings.clear()
+        self._pings.fail(error)
         self._inbox.end(error)
         if self._on_close is not None and was_open:
             self._on_close(*self.close_info())
@@ -349,17 +343,7 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
             self._writer.send_pong(payload)
 
     def on_pong(self, payload: bytes) -> None:
-        pings = self._pings
-        if payload not in pings:
-            return  # unsolicited pong: allowed (RFC 6455 5.5.3)
-        now = time.perf_counter()
-        # A pong answers its ping and every ping sent before it.
-        for key in list(pings):
-            fut, sent = pings.pop(key)
-            if not fut.done():
-                fut.set_result(now - sent)
-            if key == payload:
-                break
+        self._pings.answer(payload)
 
     def on_close(self, code: int, reason: str) -> None:
         self.receive_close(code, reason)
@@ -443,24 +427,15 @@ class ClientConnection(WebSocketProtocol, asyncio.BufferedProtocol):
             self._drain = self._loop.create_future()
         return self._drain
 
-    def ping(self, payload: bytes | None = None) -> PingSent:
+    def ping(self, payload: str | bytes | bytearray | memoryview | None = None) -> PingSent:
         """Send a ping now; as in python-websockets, ``pong_waiter = await ws.ping()`` gives a future
-        that resolves to the round trip (s) when the pong arrives."""
+        that resolves to the round trip (s) when the pong arrives (fastws.protocol.Pings)."""
         if self._state != OPEN:
             raise self.connection_closed_error()
-        if payload is None:
-            self._ping_seq += 1
-            payload = self._ping_seq.to_bytes(4, "big")
-            while payload in self._pings:
-                self._ping_seq += 1
-                payload = self._ping_seq.to_bytes(4, "big")
-        elif payload in self._pings:
-            raise ValueError("a ping with this payload is already waiting for its pong")
-        fut: asyncio.Future[float] = self._loop.create_future()
-        self._pings[payload] = (fut, time.perf_counter())
+        data = self._pings.payload(payload)
         assert self._writer is not None
-        self._writer.send_ping(payload)
-        return PingSent(fut)
+        self._writer.send_ping(data)
+        return self._pings.sent(data, self._loop.create_future())
 
     async def close(self, code: int = 1000, reason: str = "") -> None:  # type: ignore[override]
         """Closing handshake: send a close frame, wait for the server's and for TCP to end

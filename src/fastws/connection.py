@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
-import time
 import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastws._frame import OP_CLOSE, OP_PING, OP_PONG, PAUSED_WRITING, READY, Inbox, SessionCore
 from fastws.errors import CloseCode, ConnectionClosed, ProtocolError
 from fastws.handshake import Request
-from fastws.protocol import CLOSED, OPEN, STATE_NAMES, PingSent, WebSocketProtocol, drop_message
+from fastws.protocol import CLOSED, OPEN, STATE_NAMES, Pings, PingSent, WebSocketProtocol, drop_message
 
 if TYPE_CHECKING:
     from fastws.app import Route
@@ -56,13 +54,6 @@ def _unexpected_data(data: bytes) -> None:
                        "this transport called data_received")
 
 
-_ping_ids = itertools.count(1)
-
-
-def _next_ping_payload() -> bytes:
-    return (next(_ping_ids) & 0xFFFFFFFF).to_bytes(4, "big")
-
-
 class _Waiters:
     """What user code of one session awaits: the end of the connection, the pongs of its pings,
     and which tasks are awaiting the session's own futures now.  Made at the first wait; most
@@ -72,7 +63,7 @@ class _Waiters:
 
     def __init__(self) -> None:
         self.closed: asyncio.Future[None] | None = None
-        self.pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}  # payload -> (future, sent at)
+        self.pings = Pings()
         self.tasks: list[asyncio.Task[Any] | None] = []
 
     def idle(self) -> bool:
@@ -435,42 +426,22 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         """Send a ping now; as in python-websockets, ``pong_waiter = await ws.ping()`` gives a future
         that resolves to the round trip in seconds when the pong comes (a pong also answers every
         ping sent before it); ``latency = await pong_waiter``.  Without a payload a unique 4-byte one
-        is made; a str is sent as its UTF-8.  Sync code need not await anything.  On a connection
-        that is not open, or that ends first, the future fails with ConnectionClosed."""
-        if payload is not None:
-            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
-            if len(payload) > 125:
-                raise ValueError(f"a ping's payload is at most 125 bytes (RFC 6455 5.5), not {len(payload)}")
+        is made; a str is sent as its UTF-8 (fastws.protocol.Pings).  Sync code need not await
+        anything.  On a connection that is not open, or that ends first, the future fails with
+        ConnectionClosed."""
         future: asyncio.Future[float] = self._server.loop.create_future()
         if self._state != OPEN:
             future.set_exception(self.connection_closed_error())
             future.exception()  # marked retrieved: sync callers never look
             return PingSent(future)
-        waiters = self._the_waiters()
-        pings = waiters.pings
-        if payload is None:
-            payload = _next_ping_payload()
-            while payload in pings:
-                payload = _next_ping_payload()
-        elif payload in pings:
-            raise ValueError("a ping with this payload is already waiting for its pong")
-        self._write_frame(OP_PING, payload)
-        pings[payload] = (future, time.perf_counter())
-        return PingSent(future)
+        pings = self._the_waiters().pings
+        data = pings.payload(payload)
+        self._write_frame(OP_PING, data)
+        return pings.sent(data, future)
 
     def on_pong(self, payload: bytes) -> None:
-        """A pong while pings of user code are out (the wire core calls this only then)."""
-        pings = self._waiters.pings
-        if payload not in pings:
-            self._release_waiters()
-            return  # unsolicited, or a keepalive ping's: allowed (RFC 6455 5.5.3)
-        now = time.perf_counter()
-        for key in list(pings):  # a pong answers its ping and every ping sent before it
-            future, sent = pings.pop(key)
-            if not future.done():
-                future.set_result(now - sent)
-            if key == payload:
-                break
+        """A pong while user code may wait for one (the wire core calls this only then)."""
+        self._waiters.pings.answer(payload)
         self._release_waiters()
 
     def _the_waiters(self) -> _Waiters:
@@ -489,11 +460,7 @@ class Session(SessionCore, WebSocketProtocol, asyncio.BufferedProtocol):
         if waiters.closed is not None and not waiters.closed.done():
             waiters.closed.set_result(None)
         if waiters.pings:
-            error = self.connection_closed_error()
-            for future, _ in waiters.pings.values():
-                if not future.done():
-                    future.set_exception(error)
-                    future.exception()  # marked retrieved: nobody may be waiting
+            waiters.pings.fail(self.connection_closed_error())
 
     def abort(self) -> None:
         """Drop the TCP connection now (no closing handshake)."""

@@ -27,6 +27,8 @@ still has unread data (a reset makes the peer drop our close frame unread).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -59,6 +61,65 @@ def truncate_reason(reason: str, limit: int = 123) -> str:
 def check_close(code: int, reason: str) -> None:
     """Raise ValueError for a close code or reason that may not go on the wire."""
     encode_close_payload(code, reason)  # ValueError names what is wrong
+
+
+_ping_ids = itertools.count(1)  # unique ping payloads for the process
+
+
+class Pings:
+    """The pings user code sent and may await, by payload: the server's sessions' and the client's.
+    A pong answers its ping and every ping sent before it (RFC 6455 5.5.3 lets a peer answer only
+    the latest)."""
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: dict[bytes, tuple[asyncio.Future[float], float]] = {}  # payload -> (future, sent at)
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def payload(self, payload: str | bytes | bytearray | memoryview | None) -> bytes:
+        """What a new ping sends: ``payload`` as bytes (a str as its UTF-8), or a unique 4 bytes for
+        None; ValueError past 125 bytes or for a payload already waiting.  Nothing is kept yet."""
+        if payload is None:
+            data = (next(_ping_ids) & 0xFFFFFFFF).to_bytes(4, "big")
+            while data in self._waiting:
+                data = (next(_ping_ids) & 0xFFFFFFFF).to_bytes(4, "big")
+            return data
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        if len(data) > 125:
+            raise ValueError(f"a ping's payload is at most 125 bytes (RFC 6455 5.5), not {len(data)}")
+        if data in self._waiting:
+            raise ValueError("a ping with this payload is already waiting for its pong")
+        return data
+
+    def sent(self, payload: bytes, future: asyncio.Future[float]) -> PingSent:
+        """The ping with ``payload`` went out: ``future`` gets its round trip."""
+        self._waiting[payload] = (future, time.perf_counter())
+        return PingSent(future)
+
+    def answer(self, payload: bytes) -> None:
+        """A pong: resolve its ping and the earlier ones (an unsolicited pong changes nothing)."""
+        waiting = self._waiting
+        if payload not in waiting:
+            return
+        now = time.perf_counter()
+        for key in list(waiting):
+            future, sent = waiting.pop(key)
+            if not future.done():
+                future.set_result(now - sent)
+            if key == payload:
+                break
+
+    def fail(self, error: BaseException) -> None:
+        """The connection ended: every unanswered ping fails with ``error`` (marked retrieved:
+        nobody may be waiting)."""
+        for future, _ in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+                future.exception()
+        self._waiting.clear()
 
 
 class PingSent:
